@@ -1,0 +1,58 @@
+"""Install tvm-smartmem: ``pip install .`` (add ``[test]`` for the test suite, ``[zoo]`` for
+exporting the model zoo with PyTorch)."""
+
+from setuptools import find_packages, setup
+
+TVM_PINS = [
+    # 0.27 is the Relax + TIR release this plugin targets; newer ffi releases segfault in
+    # tvm.ir.save_json (ConvertLayout with packed layouts, texture pipeline, tuning).
+    "apache-tvm==0.27.0.post1",
+    "apache-tvm-ffi==0.1.14.post1",
+]
+
+setup(
+    name="tvm-smartmem",
+    version="0.1.0",
+    description="SmartMem / DNNFusion layout elimination, fusion and 2.5D texture memory "
+    "for Apache TVM (Relax), aimed at mobile GPUs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["tvm_smartmem", "tvm_smartmem.*"]),
+    package_data={"tvm_smartmem": ["runtime/opencl/*.cc", "runtime/opencl/*.h"]},
+    install_requires=[
+        *TVM_PINS,
+        "onnx>=1.16",
+        "numpy>=1.26",
+        "xgboost>=2.0",
+        # the reference every numerical check compares with (`tvm-smartmem report`)
+        "onnxruntime>=1.18",
+        # tvm.rpc and meta_schedule need these but the wheel does not pull them in
+        "cloudpickle",
+        "psutil",
+        "tornado",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            # the torch.export frontend route is tested with a CPU build of torch
+            "torch==2.13.0",
+        ],
+        "zoo": [
+            "torch==2.13.0",
+            "torchvision==0.28.0",
+            "transformers==4.57.6",
+            "timm",
+            "diffusers",
+            "onnxscript",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["tvm-smartmem = tvm_smartmem.cli:main"],
+        # `import tvm` calls every entry point of this group: registers the "smartmem" pipeline
+        "tvm.backends": ["smartmem = tvm_smartmem._plugin:_autoload"],
+    },
+)
