@@ -1,0 +1,46 @@
+"""Shared helpers: compile a module, run it on the CPU and compare with a reference."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import tvm
+
+from tvm_smartmem import numerics
+
+LLVM = tvm.target.Target("llvm")
+
+
+def run_vm(ex, args: Sequence[np.ndarray], dev=None) -> list[np.ndarray]:
+    from tvm_smartmem.measure.runner import flatten_outputs
+
+    dev = dev or tvm.cpu()
+    vm = tvm.relax.VirtualMachine(ex, dev)
+    return flatten_outputs(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev)
+                                         for a in args]))
+
+
+def assert_matches(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
+    """Every output within the dtype's tolerance of ``numerics``; returns the worst error."""
+    assert len(outs) == len(refs), f"{len(outs)} outputs vs {len(refs)} reference outputs"
+    ok, worst = numerics.compare(outs, refs)
+    assert ok, f"max scale-normalised error {worst:.3e} exceeds tolerance"
+    return worst
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in a subprocess, as a user would: returns (returncode, stdout, stderr)."""
+    import subprocess
+
+    def _run(*args: str, timeout: int = 600):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tvm_smartmem.cli", *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return _run
