@@ -1,0 +1,85 @@
+"""The registered smartmem pipeline, its per-target pass lists and the baseline helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import tvm
+from conftest import LLVM, assert_matches, run_vm
+from tvm import relax
+
+from tvm_smartmem import errors, frontend, models, numerics, pipeline, targets
+from tvm_smartmem.analysis.stats import collect
+
+
+def _in_fresh_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_import_tvm_registers_the_pipeline_through_the_entry_point():
+    code = ("import tvm\nfrom tvm.relax.pipeline import PIPELINE_MAP\n"
+            "import sys\nprint('smartmem' in PIPELINE_MAP, 'tvm_smartmem' in sys.modules)")
+    assert _in_fresh_python(code).stdout.split() == ["True", "True"]
+    # with TVM's autoload switched off nothing registers it: it is the entry point doing it
+    off = _in_fresh_python(code, TVM_DEVICE_BACKEND_AUTOLOAD="0")
+    assert off.stdout.split() == ["False", "False"]
+
+
+def test_tvm_compile_with_the_registered_name_matches_onnxruntime():
+    model = models.swin_block()
+    mod, params = frontend.from_onnx(model)
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    inputs = models.random_inputs(model, seed=3)
+    assert_matches(run_vm(ex, [*inputs.values(), *params]),
+                   numerics.onnxruntime_reference(model, inputs))
+
+
+def test_baseline_is_tvms_fused_default():
+    """Same kernels as relax.get_default_pipeline, and far fewer than unfused tvm.compile."""
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    ours = collect(pipeline.baseline(LLVM)(mod))
+    with LLVM:
+        tvms = collect(relax.get_default_pipeline(LLVM)(mod))
+    assert ours.summary() == tvms.summary()
+    unfused = collect(relax.get_pipeline("default")(relax.transform.LegalizeOps()(mod)))
+    assert ours.kernels < unfused.kernels
+
+
+@pytest.mark.parametrize("name", ["llvm", "cuda", "opencl", "opencl-texture", "adreno"])
+def test_every_named_target_compiles_with_smartmem(name):
+    """Code generation only (no device needed): every target kind has a working pass list."""
+    tgt = targets.get(name)
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    lowered = pipeline.smartmem_pipeline(tgt)(mod)
+    s = collect(lowered)
+    assert s.stage == "lowered" and s.kernels > 0
+    if name != "adreno":  # adreno's host is aarch64: no linking here, only the Relax part
+        tvm.compile(lowered, tgt, relax_pipeline=None)
+
+
+def test_target_kinds():
+    assert [pipeline.target_kind(targets.get(n)) for n in targets.names()] == [
+        "llvm", "cuda", "opencl", "opencl-texture", "opencl-texture"
+    ]
+    with pytest.raises(errors.UnknownTargetError, match="vulkan"):
+        pipeline.target_kind(tvm.target.Target("vulkan"))
+
+
+def test_phases_can_be_selected_and_are_validated():
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    fused = pipeline.smartmem_pipeline(LLVM, phases=pipeline.UP_TO_KERNELS)(mod)
+    assert collect(fused).stage == "legalized"
+    with pytest.raises(ValueError, match="unknown phase"):
+        pipeline.phase_passes(LLVM, phases=("legalize", "bogus"))
+
+
+def test_pipeline_without_target_says_so():
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    with pytest.raises(errors.UnknownTargetError, match="needs a target"):
+        pipeline.smartmem_pipeline()(mod)
+    with LLVM:  # the way tvm.compile calls it
+        assert collect(pipeline.smartmem_pipeline()(mod)).kernels == 15
