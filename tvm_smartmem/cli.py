@@ -1,0 +1,284 @@
+"""``tvm-smartmem``: the command line, in the habits of tvmc users.
+
+    tvm-smartmem compile MODEL --target T -o out.so [--report]
+    tvm-smartmem run out.so [--device D] [--inputs file.npz|random] [--repeat N]
+    tvm-smartmem report [MODEL ...] [--target T] [--json]
+    tvm-smartmem targets | devices
+
+MODEL is a path to an ONNX file or ``builtin:NAME`` (bert_layer, swin_block, small_cnn).
+``compile`` writes three files: the library (``out.so``), its weights (``out.params.npz``) and
+a description (``out.json``: target, pipeline, input signature, statistics).  ``run`` finds the
+two side files next to the library.
+
+User mistakes print ``error: <one line>`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ShapeMismatchError, SmartMemError
+
+EXIT_USER_ERROR = 2
+
+
+def _parse_shapes(items: Sequence[str] | None) -> dict[str, list[int | str]] | None:
+    """``--shape name:1,3,224,224`` (repeatable); a non-numeric dim is symbolic."""
+    if not items:
+        return None
+    out: dict[str, list[int | str]] = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        if not sep or not name or not dims:
+            raise ShapeMismatchError(f"--shape expects NAME:D1,D2,..., got '{item}'")
+        out[name] = [int(d) if d.strip().lstrip("-").isdigit() else d.strip()
+                     for d in dims.split(",")]
+    return out
+
+
+def _side_files(lib: Path) -> tuple[Path, Path]:
+    return lib.with_suffix(".params.npz"), lib.with_suffix(".json")
+
+
+# -- compile ---------------------------------------------------------------------------------
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from . import frontend, targets
+    from .report import compile_with, resolve_model
+
+    name, proto = resolve_model(args.model)
+    tgt = targets.get(args.target)
+    mod, params = frontend.from_onnx(proto, shape_dict=_parse_shapes(args.shape))
+    ex, stats, secs = compile_with(mod, tgt, args.pipeline)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ex.export_library(str(out))
+    except Exception as err:
+        raise SmartMemError(
+            f"cannot export {out}: {frontend.summarize_tvm_error(err)}"
+        ) from None
+    params_path, meta_path = _side_files(out)
+    np.savez(params_path, **{f"param_{i:05d}": p for i, p in enumerate(params)})
+    meta = {
+        "model": name,
+        "target_name": args.target,
+        "target": str(tgt),
+        "device": targets.device_of(tgt),
+        "pipeline": args.pipeline,
+        "inputs": frontend.input_signature(mod),
+        "num_params": len(params),
+        "stats": stats.summary(),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    print(f"wrote {out} ({out.stat().st_size} bytes), {params_path.name} ({len(params)} "
+          f"weights), {meta_path.name}; compiled in {secs:.1f} s")
+    if args.report:
+        for key, value in stats.summary().items():
+            print(f"  {key:32s} {value}")
+    return 0
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+def _load_inputs(spec: str, signature: list[dict], seed: int) -> list[np.ndarray]:
+    from .frontend import check_inputs
+
+    if spec == "random":
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for s in signature:
+            if s["shape"] is None or any(not isinstance(d, int) for d in s["shape"]):
+                raise ShapeMismatchError(
+                    f"input '{s['name']}' has symbolic shape {s['shape']}: give --inputs file.npz"
+                )
+            if np.issubdtype(np.dtype(s["dtype"]), np.integer):
+                arrays.append(rng.integers(0, 8, size=s["shape"]).astype(s["dtype"]))
+            else:
+                arrays.append(rng.standard_normal(s["shape"]).astype(s["dtype"]))
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise SmartMemError(f"inputs file not found: {path}")
+        try:
+            data = np.load(path)
+        except Exception as err:
+            raise SmartMemError(f"cannot read inputs {path}: {err}") from None
+        names = [s["name"] for s in signature]
+        if all(n in data for n in names):
+            arrays = [data[n] for n in names]
+        elif len(data.files) == len(names):
+            arrays = [data[k] for k in data.files]
+        else:
+            raise ShapeMismatchError(
+                f"{path} holds {sorted(data.files)}; the model takes {names}"
+            )
+    check_inputs(signature, arrays)
+    return arrays
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .measure import LocalRunner, load_runnable
+
+    lib = Path(args.module)
+    params_path, meta_path = _side_files(lib)
+    if not lib.exists():
+        raise SmartMemError(f"compiled module not found: {lib}")
+    if not meta_path.exists() or not params_path.exists():
+        raise SmartMemError(
+            f"{lib} lacks its side files {params_path.name} / {meta_path.name} "
+            "(written by `tvm-smartmem compile`)"
+        )
+    meta = json.loads(meta_path.read_text())
+    device = args.device or meta["device"]
+    if device != meta["device"] and not device.startswith("rpc://"):
+        raise SmartMemError(
+            f"{lib} was compiled for {meta['target_name']} (device {meta['device']}), "
+            f"not for device {device}"
+        )
+    inputs = _load_inputs(args.inputs, meta["inputs"], args.seed)
+    with np.load(params_path) as data:
+        params = [data[k] for k in sorted(data.files)]
+    runner = LocalRunner(device, repeat=args.repeat, number=args.number, warmup=args.warmup)
+    result = runner.run(load_runnable(lib), inputs, params)
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result.summary())
+    return 0
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import targets
+    from .report import compare_pipelines, format_table, resolve_model
+
+    tgt = targets.get(args.target)
+    check = not args.no_check and _device_available(targets.device_of(tgt))
+    models = args.model or ["builtin:bert_layer", "builtin:swin_block", "builtin:small_cnn"]
+    results = {}
+    failed = False
+    for spec in models:
+        name, proto = resolve_model(spec)
+        reports = compare_pipelines(proto, tgt, shape_dict=_parse_shapes(args.shape),
+                                    check=check, seed=args.seed)
+        results[name] = {k: r.to_dict() for k, r in reports.items()}
+        failed |= any(r.matches_reference is False for r in reports.values())
+        if not args.json:
+            print(format_table(name, args.target, reports))
+            print()
+    if not check and not args.json:
+        print(f"(numerics not checked: {'--no-check' if args.no_check else 'no local device'}"
+              f" for {args.target})")
+    if args.json:
+        print(json.dumps(results[name] if len(results) == 1 else results, indent=2))
+    return 1 if failed else 0
+
+
+def _device_available(kind: str) -> bool:
+    import tvm
+
+    return bool(tvm.device(kind, 0).exist)
+
+
+# -- listings --------------------------------------------------------------------------------
+
+
+def cmd_targets(_args: argparse.Namespace) -> int:
+    from . import targets
+
+    for name, spec in targets.KNOWN.items():
+        print(f"{name:16s} device {spec.device:7s} {spec.description}")
+    return 0
+
+
+def cmd_devices(_args: argparse.Namespace) -> int:
+    import tvm
+
+    for kind in ("cpu", "cuda", "opencl"):
+        dev = tvm.device(kind, 0)
+        state = "available" if dev.exist else "not available"
+        extra = ""
+        if dev.exist and kind != "cpu":
+            extra = f" ({dev.device_name})"
+        print(f"{kind:8s} {state}{extra}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, targets
+
+    p = argparse.ArgumentParser(
+        prog="tvm-smartmem",
+        description="SmartMem / DNNFusion layout and fusion optimisations for Apache TVM.",
+    )
+    p.add_argument("--version", action="version", version=f"tvm-smartmem {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    target_help = f"target name ({', '.join(targets.names())})"
+
+    c = sub.add_parser("compile", help="compile a model to a library")
+    c.add_argument("model", help="ONNX file or builtin:NAME")
+    c.add_argument("--target", default="llvm", help=target_help)
+    c.add_argument("-o", "--output", required=True, help="output library (.so)")
+    c.add_argument("--pipeline", choices=["smartmem", "baseline"], default="smartmem")
+    c.add_argument("--shape", action="append", help="input shape override NAME:D1,D2,...")
+    c.add_argument("--report", action="store_true", help="print the statistics")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run and time a compiled library")
+    r.add_argument("module", help="library written by `compile`")
+    r.add_argument("--device", help="cpu, cuda or opencl (default: the target's device)")
+    r.add_argument("--inputs", default="random", help="random, or an .npz file")
+    r.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
+    r.add_argument("--number", type=int, default=5, help="calls per repeat (default 5)")
+    r.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls (default 3)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="statistics: TVM default pipeline vs smartmem")
+    rep.add_argument("model", nargs="*", help="ONNX files or builtin:NAME (default: built-ins)")
+    rep.add_argument("--target", default="llvm", help=target_help)
+    rep.add_argument("--shape", action="append", help="input shape override NAME:D1,D2,...")
+    rep.add_argument("--json", action="store_true",
+                     help='one JSON object {"baseline": {...}, "smartmem": {...}}')
+    rep.add_argument("--no-check", action="store_true",
+                     help="skip running both builds against ONNX Runtime")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(func=cmd_report)
+
+    t = sub.add_parser("targets", help="list the named targets")
+    t.set_defaults(func=cmd_targets)
+    d = sub.add_parser("devices", help="list the devices this machine can run on")
+    d.set_defaults(func=cmd_devices)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SmartMemError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Baseline vs smartmem on one model: statistics side by side and agreement with ONNX Runtime.
+
+This is what ``tvm-smartmem report`` prints and what the README's first command runs on the
+built-in models.  The statistics are read on the module each pipeline actually compiles (after
+VM lowering), so ``kernels`` counts the kernel launches the device will see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import tvm
+
+from . import frontend, numerics, targets
+from .analysis.stats import ModuleStats, collect
+from .errors import CompilationError, SmartMemError
+from .pipeline import baseline, smartmem_pipeline
+
+PIPELINES = ("baseline", "smartmem")
+
+
+@dataclasses.dataclass
+class PipelineReport:
+    """One pipeline's result on one model."""
+
+    pipeline: str
+    stats: ModuleStats
+    compile_seconds: float
+    max_error: float | None = None  # vs ONNX Runtime; None when not checked
+    matches_reference: bool | None = None
+    executable: Any = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        out = dict(self.stats.summary())
+        out["compile_seconds"] = round(self.compile_seconds, 3)
+        out["max_error_vs_onnxruntime"] = self.max_error
+        out["matches_onnxruntime"] = self.matches_reference
+        return out
+
+
+def resolve_model(spec: str | Path | onnx.ModelProto) -> tuple[str, onnx.ModelProto]:
+    """``builtin:NAME`` or a path to an ONNX file -> (display name, ModelProto)."""
+    from . import models
+
+    if isinstance(spec, onnx.ModelProto):
+        return spec.graph.name or "model", spec
+    text = str(spec)
+    if text.startswith("builtin:"):
+        name = text.split(":", 1)[1]
+        return name, models.get(name)
+    return Path(text).stem, frontend.load_onnx(text)
+
+
+def compile_with(
+    mod: tvm.IRModule, target: tvm.target.Target, pipeline: str
+) -> tuple[Any, ModuleStats, float]:
+    """Run one pipeline, read statistics on what it produced, build the executable."""
+    make = smartmem_pipeline if pipeline == "smartmem" else baseline
+    t0 = time.perf_counter()
+    try:
+        with target:
+            lowered = make(target)(mod)
+        stats = collect(lowered)
+        ex = tvm.compile(lowered, target, relax_pipeline=None)
+    except SmartMemError:
+        raise
+    except Exception as err:
+        raise CompilationError(
+            f"{pipeline} pipeline failed for {target.kind.name}: "
+            f"{frontend.summarize_tvm_error(err)}"
+        ) from None
+    return ex, stats, time.perf_counter() - t0
+
+
+def compare_pipelines(
+    model: str | Path | onnx.ModelProto,
+    target: str | tvm.target.Target = "llvm",
+    *,
+    shape_dict: Mapping[str, Sequence[int | str]] | None = None,
+    check: bool = True,
+    seed: int = 0,
+    pipelines: Sequence[str] = PIPELINES,
+) -> dict[str, PipelineReport]:
+    """Compile ``model`` with each pipeline; with ``check``, run it on the local device and
+    compare with ONNX Runtime (only possible when the target's device exists here)."""
+    from . import models
+    from .measure import LocalRunner
+
+    _, proto = resolve_model(model)
+    tgt = targets.resolve(target)
+    mod, params = frontend.from_onnx(proto, shape_dict=shape_dict)
+    reports: dict[str, PipelineReport] = {}
+    inputs = ref = runner = None
+    if check:
+        runner = LocalRunner(targets.device_of(tgt), repeat=1, number=1, warmup=0)
+        dims = {d: int(v) for d, v in _symbolic_defaults(shape_dict).items()}
+        inputs = models.random_inputs(proto, seed=seed, dims=dims)
+        ref = numerics.onnxruntime_reference(proto, inputs)
+    for name in pipelines:
+        ex, stats, secs = compile_with(mod, tgt, name)
+        rep = PipelineReport(name, stats, secs, executable=ex)
+        if check:
+            outs = runner.outputs(ex, list(inputs.values()), params)
+            rep.matches_reference, rep.max_error = numerics.compare(outs, ref)
+        reports[name] = rep
+    return reports
+
+
+def _symbolic_defaults(shape_dict: Mapping[str, Sequence] | None) -> dict[str, int]:
+    """Size 1 for every symbolic dim named in shape_dict (random inputs need concrete sizes)."""
+    out: dict[str, int] = {}
+    for dims in (shape_dict or {}).values():
+        for d in dims:
+            if isinstance(d, str):
+                out.setdefault(d, 1)
+    return out
+
+
+_ROWS = [
+    ("kernels", "kernels (launches)"),
+    ("distinct_kernels", "distinct kernels"),
+    ("data_movement_kernels", "data-movement kernels"),
+    ("data_movement_bytes", "bytes moved by them"),
+    ("zero_copy_views", "zero-copy views"),
+    ("compile_seconds", "compile time (s)"),
+    ("max_error_vs_onnxruntime", "max error vs ONNX Runtime"),
+]
+
+
+def format_table(model: str, target: str, reports: Mapping[str, PipelineReport]) -> str:
+    """The side-by-side table printed by ``tvm-smartmem report``."""
+    cols = list(reports)
+    data = {k: r.to_dict() for k, r in reports.items()}
+    width = max(len(label) for _, label in _ROWS) + 2
+    lines = [f"model {model}, target {target}",
+             "metric".ljust(width) + "".join(c.rjust(14) for c in cols)]
+    lines.append("-" * len(lines[-1]))
+    for key, label in _ROWS:
+        cells = []
+        for c in cols:
+            v = data[c][key]
+            if v is None:
+                cells.append("n/a".rjust(14))
+            elif isinstance(v, float):
+                cells.append((f"{v:.2e}" if key.startswith("max_error") else f"{v:.2f}").rjust(14))
+            else:
+                cells.append(str(v).rjust(14))
+        lines.append(label.ljust(width) + "".join(cells))
+    checked = [r for r in reports.values() if r.matches_reference is not None]
+    if checked:
+        ok = all(r.matches_reference for r in checked)
+        tol = numerics.TOLERANCE["float32"]
+        lines.append(
+            f"numerics vs ONNX Runtime: {'OK' if ok else 'MISMATCH'} "
+            f"(fp32 tolerance {tol:g}, scale-normalised max error)"
+        )
+    return "\n".join(lines)
+
