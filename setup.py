@@ -40,7 +40,11 @@ setup(
             "ruff>=0.6",
             # the torch.export frontend route is tested with a CPU build of torch
             "torch==2.13.0",
+            # the OpenCL runtime is tested on PoCL, a CPU OpenCL device with image support
+            "pyopencl[pocl]",
         ],
+        # an OpenCL device for machines without a GPU (PoCL); vendor drivers are preferred
+        "opencl": ["pyopencl[pocl]"],
         "zoo": [
             "torch==2.13.0",
             "torchvision==0.28.0",

@@ -1,14 +1,24 @@
 """Entry point that ``import tvm`` calls (group ``tvm.backends``, see setup.py).
 
 It must stay cheap and must not fail loudly: TVM turns an exception here into a warning on every
-``import tvm``.  It registers the ``smartmem`` Relax pipeline so that
-``tvm.compile(mod, target, relax_pipeline="smartmem")`` works without importing this package.
+``import tvm``.  It registers the ``smartmem`` Relax pipeline, so that
+``tvm.compile(mod, target, relax_pipeline="smartmem")`` works without importing this package, and
+loads the OpenCL runtime (building it once into the cache the first time), so that
+``tvm.opencl(0)`` and ``relax.VirtualMachine(ex, tvm.opencl())`` just work.
 """
 
 from __future__ import annotations
+
+import warnings
 
 
 def _autoload() -> None:
     from . import pipeline
 
     pipeline.register()
+    from .runtime import opencl
+
+    try:
+        opencl.load()
+    except Exception as err:  # a broken OpenCL set-up must not break `import tvm`
+        warnings.warn(f"tvm-smartmem: OpenCL runtime not loaded: {err}", stacklevel=2)

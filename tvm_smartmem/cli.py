@@ -125,8 +125,22 @@ def _load_inputs(spec: str, signature: list[dict], seed: int) -> list[np.ndarray
     return arrays
 
 
+def _runner_for(device: str, args: argparse.Namespace):
+    """LocalRunner for cpu / cuda / opencl, RPCRunner for rpc://host:port/key[/device]."""
+    from .measure import LocalRunner, RPCRunner
+
+    protocol = {"repeat": args.repeat, "number": args.number, "warmup": args.warmup}
+    if device.startswith("rpc://"):
+        parts = device[len("rpc://"):].split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise SmartMemError(f"an RPC device is rpc://host:port/key[/device], got '{device}'")
+        remote_kind = parts[2] if len(parts) == 3 else args.meta_device
+        return RPCRunner(parts[0], parts[1], device=remote_kind, **protocol)
+    return LocalRunner(device, **protocol)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from .measure import LocalRunner, load_runnable
+    from .measure import load_runnable
 
     lib = Path(args.module)
     params_path, meta_path = _side_files(lib)
@@ -139,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     meta = json.loads(meta_path.read_text())
     device = args.device or meta["device"]
-    if device != meta["device"] and not device.startswith("rpc://"):
+    args.meta_device = meta["device"]
+    if not device.startswith("rpc://") and device != meta["device"]:
         raise SmartMemError(
             f"{lib} was compiled for {meta['target_name']} (device {meta['device']}), "
             f"not for device {device}"
@@ -147,8 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     inputs = _load_inputs(args.inputs, meta["inputs"], args.seed)
     with np.load(params_path) as data:
         params = [data[k] for k in sorted(data.files)]
-    runner = LocalRunner(device, repeat=args.repeat, number=args.number, warmup=args.warmup)
-    result = runner.run(load_runnable(lib), inputs, params)
+    runner = _runner_for(device, args)
+    module = lib if device.startswith("rpc://") else load_runnable(lib)
+    result = runner.run(module, inputs, params, profile=args.profile)
     if args.json:
         print(result.to_json())
     else:
@@ -186,9 +202,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _device_available(kind: str) -> bool:
-    import tvm
+    from .measure import get_device
 
-    return bool(tvm.device(kind, 0).exist)
+    try:
+        get_device(kind)
+    except SmartMemError:
+        return False
+    return True
 
 
 # -- listings --------------------------------------------------------------------------------
@@ -202,16 +222,29 @@ def cmd_targets(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_devices(_args: argparse.Namespace) -> int:
+def cmd_devices(args: argparse.Namespace) -> int:
     import tvm
 
-    for kind in ("cpu", "cuda", "opencl"):
-        dev = tvm.device(kind, 0)
-        state = "available" if dev.exist else "not available"
-        extra = ""
-        if dev.exist and kind != "cpu":
-            extra = f" ({dev.device_name})"
-        print(f"{kind:8s} {state}{extra}")
+    from .runtime import opencl
+
+    info = opencl.describe()
+    if args.json:
+        print(json.dumps({"cpu": True, "cuda": bool(tvm.device("cuda", 0).exist), "opencl": info},
+                         indent=2))
+        return 0
+    print("cpu      available")
+    cuda = tvm.device("cuda", 0)
+    print("cuda     " + (f"available ({cuda.device_name})" if cuda.exist else "not available"))
+    if info.get("devices"):
+        for i, d in enumerate(info["devices"]):
+            print(f"opencl:{i} available ({d['name']}, {d['type']}, platform {info['platform']}, "
+                  f"images {'x'.join(str(v) for v in d['image2d_max'])}, "
+                  f"fp16 {'yes' if d['fp16'] else 'no'})")
+    else:
+        print(f"opencl   not available: {info.get('error') or 'no device'}")
+    if info.get("loader"):
+        print(f"         OpenCL loader {info['loader']}; platforms seen: "
+              f"{', '.join(p['name'] for p in info.get('platforms', [])) or 'none'}")
     return 0
 
 
@@ -240,12 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run and time a compiled library")
     r.add_argument("module", help="library written by `compile`")
-    r.add_argument("--device", help="cpu, cuda or opencl (default: the target's device)")
+    r.add_argument("--device", help="cpu, cuda, opencl or rpc://host:port/key[/device] "
+                   "(default: the target's device)")
     r.add_argument("--inputs", default="random", help="random, or an .npz file")
     r.add_argument("--repeat", type=int, default=10, help="timed repeats (default 10)")
     r.add_argument("--number", type=int, default=5, help="calls per repeat (default 5)")
     r.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls (default 3)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--profile", action="store_true", help="add a per-kernel profile")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=cmd_run)
 
@@ -263,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("targets", help="list the named targets")
     t.set_defaults(func=cmd_targets)
     d = sub.add_parser("devices", help="list the devices this machine can run on")
+    d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_devices)
     return p
 

@@ -1,11 +1,12 @@
 """Runners: one timing protocol for every device.
 
 Protocol: load the module on the device, upload inputs and weights once, run ``warmup`` calls,
-then ``repeat`` measurements of ``number`` back-to-back calls each (TVM's ``time_evaluator``, so
-device synchronisation is the runtime's, not Python's).  Reported: median, min, max, mean and
-std over the repeats, in milliseconds per call.
+then ``repeat`` measurements of ``number`` back-to-back calls each (TVM's ``time_evaluator``:
+the device is synchronised before and after each measurement by the runtime, not by Python).
+Reported: median, min, max, mean and std over the repeats, in milliseconds per call, plus an
+optional per-kernel profile (one extra run with the device synchronised around every kernel).
 """
 
-from .runner import LocalRunner, RunResult, load_runnable
+from .runner import KernelTime, LocalRunner, RPCRunner, RunResult, get_device, load_runnable
 
-__all__ = ["LocalRunner", "RunResult", "load_runnable"]
+__all__ = ["KernelTime", "LocalRunner", "RPCRunner", "RunResult", "get_device", "load_runnable"]

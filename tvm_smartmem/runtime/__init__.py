@@ -1,0 +1,1 @@
+"""Runtimes the PyPI TVM wheel lacks (OpenCL) and their loaders."""
