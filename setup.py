@@ -42,6 +42,8 @@ setup(
             "torch==2.13.0",
             # the OpenCL runtime is tested on PoCL, a CPU OpenCL device with image support
             "pyopencl[pocl]",
+            # the zoo's export machinery is tested on a small torch module
+            "onnxscript",
         ],
         # an OpenCL device for machines without a GPU (PoCL); vendor drivers are preferred
         "opencl": ["pyopencl[pocl]"],
@@ -52,6 +54,7 @@ setup(
             "timm",
             "diffusers",
             "onnxscript",
+            "matplotlib",
         ],
     },
     entry_points={

@@ -320,3 +320,28 @@ def test_rpc_runner_on_loopback(rpc_tracker, device, target):
 def test_rpc_runner_unknown_key(rpc_tracker):
     with pytest.raises(errors.DeviceNotFoundError, match="no RPC device 'nobody'"):
         RPCRunner(rpc_tracker, "nobody", session_timeout=5)
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_devices_lists_the_opencl_device(dev, cli):
+    code, stdout, stderr = cli("devices")
+    assert code == 0, stderr
+    name = opencl.describe()["devices"][0]["name"]
+    assert f"opencl:0 available ({name}" in stdout
+
+
+def test_cli_compile_and_run_on_opencl_locally_and_over_rpc(dev, cli, rpc_tracker, tmp_path):
+    lib = tmp_path / "cnn_opencl.so"
+    code, _, stderr = cli("compile", "builtin:small_cnn", "--target", "opencl", "-o", str(lib))
+    assert code == 0, stderr
+    code, stdout, stderr = cli("run", str(lib), "--repeat", "2", "--number", "1", "--profile")
+    assert code == 0, stderr
+    assert stdout.startswith("opencl (") and "per-kernel profile" in stdout
+    code, stdout, stderr = cli("run", str(lib), "--device", f"rpc://{rpc_tracker}/loopback",
+                               "--repeat", "2", "--number", "1", "--json")
+    assert code == 0, stderr
+    assert '"device": "opencl"' in stdout
+    code, _, stderr = cli("run", str(lib), "--device", "rpc://nohost")
+    assert code == 2 and "rpc://host:port/key" in stderr

@@ -3,6 +3,7 @@
     tvm-smartmem compile MODEL --target T -o out.so [--report]
     tvm-smartmem run out.so [--device D] [--inputs file.npz|random] [--repeat N]
     tvm-smartmem report [MODEL ...] [--target T] [--json]
+    tvm-smartmem zoo [--models a,b] [--out DIR]
     tvm-smartmem targets | devices
 
 MODEL is a path to an ONNX file or ``builtin:NAME`` (bert_layer, swin_block, small_cnn).
@@ -211,6 +212,23 @@ def _device_available(kind: str) -> bool:
     return True
 
 
+# -- zoo -------------------------------------------------------------------------------------
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    if args.list:
+        for name, m in zoo.MODELS.items():
+            print(f"{name:16s} {m.family:17s} {m.source}{'' if m.default else '  (opt-in)'}")
+        return 0
+    cache = Path(args.out) if args.out else zoo.default_cache()
+    entries = zoo.build_zoo(args.models, cache=cache, force=args.force,
+                            log=lambda line: print(line, flush=True))
+    print(f"{len(entries)} model(s) in {cache} (manifest.json)")
+    return 0
+
+
 # -- listings --------------------------------------------------------------------------------
 
 
@@ -294,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip running both builds against ONNX Runtime")
     rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(func=cmd_report)
+
+    z = sub.add_parser("zoo", help="export the model zoo to ONNX (needs the [zoo] extra)")
+    z.add_argument("--models", help="comma-separated names (default: the 21 default models)")
+    z.add_argument("--out", help="cache directory (default: ~/.cache/tvm_smartmem/zoo)")
+    z.add_argument("--force", action="store_true", help="export again even if cached")
+    z.add_argument("--list", action="store_true", help="list the models and exit")
+    z.set_defaults(func=cmd_zoo)
 
     t = sub.add_parser("targets", help="list the named targets")
     t.set_defaults(func=cmd_targets)

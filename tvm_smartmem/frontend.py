@@ -89,7 +89,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _is_weight(init: onnx.TensorProto) -> bool:
+def is_weight(init: onnx.TensorProto) -> bool:
     """Floating-point tensors with more than one element are weights; the rest are constants."""
     return init.data_type in _WEIGHT_DTYPES and int(np.prod(init.dims, dtype=np.int64)) > 1
 
@@ -161,7 +161,7 @@ def _constants_as_nodes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     graph = out.graph
     weights, consts = [], []
     for init in graph.initializer:
-        (weights if _is_weight(init) else consts).append(init)
+        (weights if is_weight(init) else consts).append(init)
     const_names = {c.name for c in consts}
     const_nodes = [
         onnx.helper.make_node("Constant", [], [c.name], value=c) for c in consts
@@ -231,7 +231,7 @@ def fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
     known: dict[str, np.ndarray] = {}
     derived: set[str] = set()
     for init in proto.graph.initializer:
-        if not _is_weight(init):
+        if not is_weight(init):
             known[init.name] = numpy_helper.to_array(init)
             if not np.issubdtype(known[init.name].dtype, np.floating):
                 derived.add(init.name)

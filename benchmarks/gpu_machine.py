@@ -1,0 +1,477 @@
+"""Measure models on the GPU machine (H100) through CUDA and NVIDIA OpenCL, in one device call.
+
+The GPU machine runs Python 3.12 with PyTorch but no TVM, reaches no network, and receives at
+most 64 MiB per call.  So the work splits in three steps:
+
+1. ``prepare`` (here, on the CPU machine): import each zoo model, compile it with each pipeline
+   for ``cuda`` (sm_90) and for ``opencl``, export the libraries, and write a bundle under
+   ``.device/bundle`` (git-ignored): the libraries, a weight *spec* per model (shapes and
+   statistics: the weights themselves are hundreds of MB and are regenerated there from a seed),
+   the model graph with its weights turned into inputs (for the ONNX Runtime reference), the
+   runtime-only TVM package (no ``libtvm_compiler.so``), the cp312 ``apache-tvm-ffi`` wheel, and
+   an ICD file naming ``libnvidia-opencl.so.1``.
+2. ``measure`` (there, through the device tool, ``carry=[".device/bundle"]``)::
+
+       python3 benchmarks/gpu_machine.py measure --bundle .device/bundle --out $OUT --peers
+
+   sets up the runtime-only TVM, builds the project's OpenCL runtime with the machine's g++,
+   loads every library on ``cuda`` and on ``opencl`` (NVIDIA's platform), checks outputs against
+   ONNX Runtime with the same regenerated weights, times them with the project's runner protocol
+   and, with ``--peers``, times PyTorch eager and ``torch.compile`` on the same architectures.
+   It writes ``$OUT/gpu_results.json``.
+3. ``report`` (here): turns that JSON into ``benchmarks/results/<name>.json``, a markdown table and
+   a plot.
+
+CONTRIBUTING.md ("Measuring on the GPU machine") walks through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = ROOT / ".device" / "bundle"
+TARGETS = ("cuda", "opencl")
+FFI_VERSION = "0.1.14.post1"
+SEED = 1234
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# =============================================================================================
+# prepare (CPU machine, full TVM)
+# =============================================================================================
+
+
+def _weight_spec(params) -> list[dict]:
+    """Shapes and statistics of each weight: enough to regenerate look-alike random weights."""
+    import numpy as np
+
+    out = []
+    for p in params:
+        a = np.asarray(p, dtype=np.float64)
+        out.append({
+            "shape": list(p.shape), "dtype": str(p.dtype),
+            "mean": float(a.mean()) if a.size else 0.0,
+            "std": float(a.std()) if a.size else 0.0,
+            "nonnegative": bool(a.size and a.min() >= 0),
+        })
+    return out
+
+
+def _graph_with_weight_inputs(model, weight_names: list[str]):
+    """The ONNX graph with its weights turned into graph inputs (a few hundred KB)."""
+    import onnx
+
+    graph_weights = {i.name: i for i in model.graph.initializer if i.name in set(weight_names)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [i for i in out.graph.initializer if i.name not in graph_weights]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    for name in weight_names:
+        init = graph_weights[name]
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type,
+                                                                  list(init.dims)))
+    return out
+
+
+def prepare(args: argparse.Namespace) -> None:
+    import onnx
+    import tvm
+
+    from tvm_smartmem import frontend, targets, zoo
+    from tvm_smartmem.report import compile_with
+
+    bundle = Path(args.bundle)
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    (bundle / "models").mkdir(parents=True)
+    names = zoo.resolve(args.models)
+    pipelines = args.pipelines.split(",")
+    manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "git_commit": _git_commit(), "host": platform.node(),
+                "tvm": tvm.__version__, "seed": SEED, "pipelines": pipelines, "models": {}}
+    for i, name in enumerate(names, 1):
+        t0 = time.perf_counter()
+        path = zoo.model_path(name)
+        model = onnx.load(str(path))
+        mod, params = frontend.from_onnx(model)
+        weights = [init.name for init in model.graph.initializer if frontend.is_weight(init)]
+        out = bundle / "models" / name
+        out.mkdir()
+        entry = {"inputs": frontend.input_signature(mod), "weights": _weight_spec(params),
+                 "weight_names": weights, "builds": {}}
+        onnx.save(_graph_with_weight_inputs(model, weights), str(out / "graph.onnx"))
+        for pipeline in pipelines:
+            for target_name in TARGETS:
+                tgt = targets.get(target_name)
+                ex, stats, secs = compile_with(mod, tgt, pipeline)
+                lib = out / f"{pipeline}-{target_name}.so"
+                ex.export_library(str(lib))
+                entry["builds"][f"{pipeline}-{target_name}"] = {
+                    "library": lib.name, "target": str(tgt), "compile_seconds": round(secs, 1),
+                    "stats": stats.summary(),
+                }
+        manifest["models"][name] = entry
+        print(f"[{i}/{len(names)}] {name}: {len(params)} weights, "
+              f"{len(pipelines) * len(TARGETS)} builds in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    _pack_runtime(bundle)
+    (bundle / "icd").mkdir()
+    (bundle / "icd" / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    print(f"bundle {bundle}: {size / 2**20:.1f} MiB (the device tool carries at most 64 MiB)")
+    if size > 60 * 2**20:
+        raise SystemExit("bundle too large for one device call: prepare fewer models")
+
+
+def _pack_runtime(bundle: Path) -> None:
+    """The runtime-only TVM package and the cp312 tvm-ffi wheel for the GPU machine."""
+    import tvm
+
+    tvm_dir = Path(tvm.__file__).resolve().parent
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        skip = ("lib/libtvm_compiler.so", "/3rdparty", "__pycache__")
+        return None if any(s in info.name for s in skip) else info
+
+    with tarfile.open(bundle / "tvm_runtime.tar.gz", "w:gz") as tar:
+        tar.add(tvm_dir, arcname="tvm", filter=keep)
+    wheels = bundle / "wheels"
+    wheels.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+         "--python-version", "3.12", "--implementation", "cp",
+         "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64",
+         "-d", str(wheels), f"apache-tvm-ffi=={FFI_VERSION}"],
+        check=True,
+    )
+
+
+# =============================================================================================
+# measure (GPU machine, runtime-only TVM)
+# =============================================================================================
+
+
+def _setup_runtime(bundle: Path, site: Path) -> dict[str, str]:
+    """Unpack the runtime-only TVM and tvm-ffi into ``site``; return the environment to use."""
+    if not (site / "tvm").exists():
+        site.mkdir(parents=True, exist_ok=True)
+        wheels = sorted(str(w) for w in (bundle / "wheels").glob("*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
+                        "--no-deps", "--no-compile", "--target", str(site), *wheels], check=True)
+        with tarfile.open(bundle / "tvm_runtime.tar.gz") as tar:
+            tar.extractall(site, filter="data")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
+    env["OCL_ICD_VENDORS"] = str((bundle / "icd").resolve())
+    env["TVM_SMARTMEM_OPENCL_LIB"] = "libOpenCL.so.1"
+    env.setdefault("TVM_SMARTMEM_CACHE", "/tmp/tvm_smartmem_cache")
+    env["TVM_USE_RUNTIME_LIB"] = "1"
+    return env
+
+
+def _regenerate(spec: list[dict], seed: int):
+    import numpy as np
+
+    out = []
+    for i, w in enumerate(spec):
+        rng = np.random.default_rng(seed + i)
+        if w["std"] == 0.0:
+            a = np.full(w["shape"], w["mean"])
+        else:
+            a = w["mean"] + w["std"] * rng.standard_normal(w["shape"])
+        if w["nonnegative"]:
+            a = np.abs(a)
+        out.append(a.astype(w["dtype"]))
+    return out
+
+
+def _inputs(signature: list[dict], seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in signature:
+        if s["dtype"].startswith("int"):
+            out.append(rng.integers(0, 1000, size=s["shape"]).astype(s["dtype"]))
+        else:
+            out.append(rng.standard_normal(s["shape"]).astype(s["dtype"]))
+    return out
+
+
+def _register_cuda_compiler() -> None:
+    """CUDA modules keep their source and are compiled when loaded.  TVM's own callback
+    (tvm.support.nvcc) imports compiler-only modules, which the runtime-only package lacks, so
+    this one calls nvcc directly (cubin for the device's architecture)."""
+    import tempfile
+
+    import tvm_ffi
+
+    arch = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.split()[0].replace(".", "")
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _compile(code, *_):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.cubin")
+            Path(src).write_text(code)
+            subprocess.run(["nvcc", "--cubin", f"-arch=sm_{arch}", "-O3", "-o", out, src],
+                           check=True, capture_output=True)
+            return bytearray(Path(out).read_bytes())
+
+
+def _measure_stage2(args: argparse.Namespace) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    import tvm
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    from tvm_smartmem import numerics
+    from tvm_smartmem.measure import LocalRunner, load_runnable
+    from tvm_smartmem.runtime import opencl
+
+    bundle = Path(args.bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    tvm_lib = Path(tvm.__file__).resolve().parent / "lib"
+    load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_GLOBAL", extra_lib_paths=[tvm_lib])
+    _register_cuda_compiler()
+    opencl.load()
+    info = opencl.describe()
+    results = {
+        "manifest": {k: v for k, v in manifest.items() if k != "models"},
+        "machine": {"host": platform.node(), "python": platform.python_version(),
+                    "tvm": tvm.__version__, "numpy": np.__version__,
+                    "onnxruntime": ort.__version__,
+                    "cuda_device": tvm.cuda(0).device_name if tvm.cuda(0).exist else None,
+                    "opencl": {k: info.get(k) for k in ("platform", "devices", "loader")}},
+        "protocol": {"repeat": args.repeat, "number": args.number, "warmup": args.warmup},
+        "models": {},
+    }
+    print(f"cuda: {results['machine']['cuda_device']}; opencl: {info.get('platform')} "
+          f"{[d['name'] for d in info.get('devices', [])]} {info.get('error', '')}", flush=True)
+    names = list(manifest["models"])
+    for i, name in enumerate(names, 1):
+        entry = manifest["models"][name]
+        params = _regenerate(entry["weights"], manifest["seed"])
+        inputs = _inputs(entry["inputs"], manifest["seed"])
+        feeds = {s["name"]: a for s, a in zip(entry["inputs"], inputs, strict=True)}
+        feeds.update(zip(entry["weight_names"], params, strict=True))
+        sess = ort.InferenceSession(str(bundle / "models" / name / "graph.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        ref = [np.asarray(o) for o in sess.run(None, feeds)]
+        model_out = {"builds": {}}
+        for build, b in entry["builds"].items():
+            device = build.rsplit("-", 1)[1]
+            row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"]}
+            try:
+                runner = LocalRunner(device, repeat=args.repeat, number=args.number,
+                                     warmup=args.warmup)
+                module = load_runnable(bundle / "models" / name / b["library"])
+                outs = runner.outputs(module, inputs, params)
+                ok, err = numerics.compare(outs, ref)
+                timing = runner.run(module, inputs, params)
+                row.update(matches_onnxruntime=ok, max_error=err, **{
+                    k: getattr(timing, k) for k in ("median_ms", "min_ms", "max_ms", "mean_ms",
+                                                    "std_ms", "samples_ms", "device_name")})
+            except Exception as exc:  # record and go on: one failing build must not lose the rest
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"
+            model_out["builds"][build] = row
+            print(f"[{i}/{len(names)}] {name} {build}: "
+                  + (f"{row['median_ms']:.3f} ms, max error {row['max_error']:.1e}"
+                     if "median_ms" in row else row.get("error", "")), flush=True)
+        results["models"][name] = model_out
+    if args.peers:
+        results["peers"] = _torch_peers(names, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / 'gpu_results.json'}")
+
+
+def _torch_peers(names: list[str], args: argparse.Namespace) -> dict:
+    """PyTorch eager and torch.compile(mode="reduce-overhead") on the same architectures."""
+    import torch
+
+    from tvm_smartmem import zoo
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = {"torch": torch.__version__}
+
+    def time_cuda(fn, inputs) -> list[float]:
+        for _ in range(10):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(args.repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.number):
+                fn(*inputs)
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / args.number)
+        return samples
+
+    for name in names:
+        row = {}
+        try:
+            torch.manual_seed(0)
+            module, example, _ = zoo.MODELS[name].build()
+            module = module.eval().cuda()
+            inputs = [a.cuda() for a in example]
+            with torch.no_grad():
+                eager = time_cuda(module, inputs)
+                row["eager_median_ms"] = sorted(eager)[len(eager) // 2]
+                t0 = time.perf_counter()
+                compiled = torch.compile(module, mode="reduce-overhead")
+                compiled(*inputs)
+                row["compile_seconds"] = round(time.perf_counter() - t0, 1)
+                graphs = time_cuda(compiled, inputs)
+                row["compile_median_ms"] = sorted(graphs)[len(graphs) // 2]
+        except Exception as exc:  # a peer failing is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        out[name] = row
+        print(f"torch {name}: {row}", flush=True)
+    return out
+
+
+def measure(args: argparse.Namespace) -> None:
+    if args.stage2:
+        _measure_stage2(args)
+        return
+    bundle = Path(args.bundle).resolve()
+    env = _setup_runtime(bundle, Path(args.site))
+    cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
+           "--out", args.out, "--repeat", str(args.repeat), "--number", str(args.number),
+           "--warmup", str(args.warmup)] + (["--peers"] if args.peers else [])
+    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+
+
+# =============================================================================================
+# report (CPU machine)
+# =============================================================================================
+
+
+def report(args: argparse.Namespace) -> None:
+    data = json.loads(Path(args.results).read_text())
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.name
+    data["command"] = args.command
+    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    builds = sorted({b for m in data["models"].values() for b in m["builds"]})
+    peers = data.get("peers", {})
+    header = ["model"] + [f"{b} (ms)" for b in builds] + ["kernels"]
+    if peers:
+        header += ["PyTorch eager (ms)", "torch.compile (ms)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in data["models"].items():
+        cells = [name]
+        for b in builds:
+            row = m["builds"].get(b, {})
+            if "median_ms" in row:
+                mark = "" if row.get("matches_onnxruntime") else " (MISMATCH)"
+                cells.append(f"{row['median_ms']:.3f}{mark}")
+            else:
+                cells.append("error")
+        kernels = {b: m["builds"][b]["stats"]["kernels"] for b in m["builds"]}
+        cells.append(", ".join(f"{k}={v}" for k, v in sorted(kernels.items())))
+        if peers:
+            p = peers.get(name, {})
+            cells += [f"{p['eager_median_ms']:.3f}" if "eager_median_ms" in p else "n/a",
+                      f"{p['compile_median_ms']:.3f}" if "compile_median_ms" in p else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = data["machine"]
+    proto = data["protocol"]
+    md = [f"# {args.title}", "",
+          f"Device: {machine.get('cuda_device')} (CUDA) and "
+          f"{', '.join(d['name'] for d in machine['opencl'].get('devices') or [])} "
+          f"({machine['opencl'].get('platform')}). fp32, batch 1, random weights.",
+          f"Protocol: {proto['warmup']} warm-up calls, median of {proto['repeat']} x "
+          f"{proto['number']} calls (`time_evaluator`). Outputs checked against ONNX Runtime.",
+          f"Compiled at commit `{data['manifest']['git_commit']}` with TVM "
+          f"{data['manifest']['tvm']}; measured with runtime-only TVM {machine['tvm']}.", "",
+          *lines, "",
+          f"Reproduce: `{args.command}`", f"Raw data: `benchmarks/results/{stem}.json`", ""]
+    (out_dir / f"{stem}.md").write_text("\n".join(md))
+    _plot(data, builds, peers, out_dir / f"{stem}.png", args.title)
+    print("\n".join(md))
+
+
+def _plot(data: dict, builds: list[str], peers: dict, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    names = list(data["models"])
+    series = {b: [data["models"][n]["builds"].get(b, {}).get("median_ms", 0) for n in names]
+              for b in builds}
+    if peers:
+        series["PyTorch eager"] = [peers.get(n, {}).get("eager_median_ms", 0) for n in names]
+        series["torch.compile"] = [peers.get(n, {}).get("compile_median_ms", 0) for n in names]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
+    width = 0.8 / len(series)
+    for k, (label, values) in enumerate(series.items()):
+        ax.bar([i + k * width for i in range(len(names))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    ax.set_ylabel("latency (ms, median)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare", help="compile and bundle (CPU machine)")
+    a.add_argument("--models", default="resnet50,deit_small,bert_base")
+    a.add_argument("--pipelines", default="baseline", help="baseline,smartmem")
+    a.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
+    a.set_defaults(func=prepare)
+    m = sub.add_parser("measure", help="run on the GPU machine")
+    m.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
+    m.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    m.add_argument("--site", default="/tmp/tvm_smartmem_site")
+    m.add_argument("--repeat", type=int, default=5)
+    m.add_argument("--number", type=int, default=50)
+    m.add_argument("--warmup", type=int, default=10)
+    m.add_argument("--peers", action="store_true", help="also PyTorch eager / torch.compile")
+    m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
+    m.set_defaults(func=measure)
+    r = sub.add_parser("report", help="tables and plot from gpu_results.json (CPU machine)")
+    r.add_argument("--results", required=True)
+    r.add_argument("--name", default="gpu_baseline")
+    r.add_argument("--title", default="TVM default pipeline on the H100: CUDA vs NVIDIA OpenCL")
+    r.add_argument("--command", default="see CONTRIBUTING.md, 'Measuring on the GPU machine'")
+    r.set_defaults(func=report)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
