@@ -57,7 +57,7 @@ def test_exported_model_matches_torch_and_imports(tiny_zoo, tmp_path):
 
     outs = numerics.onnxruntime_reference(onnx.load(str(path)), {"pixel_values": x.numpy()})
     assert numerics.compare(outs, [ref])[0]
-    mod, params = frontend.from_onnx(path)
+    _, params = frontend.from_onnx(path)
     assert len(params) == 4 and all(isinstance(p, np.ndarray) for p in params)
 
 
