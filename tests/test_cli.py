@@ -33,7 +33,7 @@ def test_compile_writes_library_weights_and_description(compiled):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["pipeline"] == "smartmem" and meta["device"] == "cpu"
     assert meta["inputs"] == [{"name": "x", "shape": [1, 32, 64], "dtype": "float32"}]
-    assert meta["stats"]["kernels"] == 15
+    assert meta["stats"]["kernels"] == 11  # smartmem: the 4 data-movement kernels are gone
     with np.load(out.with_suffix(".params.npz")) as params:
         assert len(params.files) == meta["num_params"] == 17
     assert "data_movement_kernels" in stdout and "kernels" in stdout
@@ -94,7 +94,9 @@ def test_report_table(cli):
     assert "baseline" in stdout and "smartmem" in stdout
     assert "numerics vs ONNX Runtime: OK" in stdout
     row = next(line for line in stdout.splitlines() if line.startswith("data-movement kernels"))
-    assert row.split()[-2:] == ["4", "4"]
+    assert row.split()[-2:] == ["4", "0"]
+    row = next(line for line in stdout.splitlines() if line.startswith("kernels (launches)"))
+    assert row.split()[-2:] == ["15", "11"]
 
 
 @pytest.mark.parametrize(

@@ -82,4 +82,4 @@ def test_pipeline_without_target_says_so():
     with pytest.raises(errors.UnknownTargetError, match="needs a target"):
         pipeline.smartmem_pipeline()(mod)
     with LLVM:  # the way tvm.compile calls it
-        assert collect(pipeline.smartmem_pipeline()(mod)).kernels == 15
+        assert collect(pipeline.smartmem_pipeline()(mod)).kernels == 11

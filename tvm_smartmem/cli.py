@@ -328,7 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings() -> None:
+    """Warnings as ``warning: <message>`` lines, not Python's file:line: source dump."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _one_line_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,10 @@ default job, the tests and the tutorials exercise the same layout problems the m
 * :func:`swin_block` -- one shifted-window Swin block: cyclic shift (``Slice`` + ``Concat``, which
   is how exporters spell ``torch.roll``), window partition / reverse (6-d reshape + transpose),
   relative-position bias gathered from a table by an int64 index, the shift mask.
-* :func:`small_cnn` -- conv, batch-norm, relu, pool, depthwise, pointwise, residual, GAP, FC.
+* :func:`small_cnn` -- conv, batch-norm, relu, pool, depthwise, pointwise, residual, GAP, FC;
+* :func:`vit_block`, :func:`convnext_block` (NCHW <-> NHWC permutes around layernorm),
+  :func:`mobilevit_block` (unfold / fold), :func:`llm_block` (head split / merge, rotary,
+  grouped KV heads).
 
 Reshape targets are int64 *initializers* on purpose: that is what exporters emit and what breaks
 ``keep_params_in_input=True`` in TVM's own importer (see :mod:`tvm_smartmem.frontend`).
@@ -239,15 +242,137 @@ def small_cnn(
     return g.model("small_cnn", [x_in], y, [1, classes])
 
 
+def vit_block(tokens: int = 17, dim: int = 48, heads: int = 3, patch: int = 4,
+              image: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """Patch embedding (conv, flatten, NCHW -> tokens transpose, class token) + one pre-LN
+    encoder block, on x:[1, 3, image, image]."""
+    g = _GraphBuilder(seed)
+    n = (image // patch) ** 2
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, image, image])
+    t = g.op("Conv", ["x", g.weight((dim, 3, patch, patch)), g.weight((dim,), 0.1, "b")],
+             strides=[patch, patch])
+    t = g.op("Reshape", [t, g.shape([1, dim, n])])
+    t = g.op("Transpose", [t], perm=[0, 2, 1])  # [1, n, dim]
+    cls = g.weight((1, 1, dim), 0.02, "cls")
+    t = g.op("Concat", [cls, t], axis=1)  # [1, n + 1, dim]
+    t = g.op("Add", [t, g.weight((1, n + 1, dim), 0.02, "pos")])
+    a = _attention(g, g.layer_norm(t, dim), n + 1, dim, heads, 1)
+    t = g.op("Add", [t, a])
+    f = g.linear(g.gelu(g.linear(g.layer_norm(t, dim), dim, 2 * dim)), 2 * dim, dim)
+    y = g.op("Add", [t, f])
+    return g.model("vit_block", [x_in], y, [1, n + 1, dim])
+
+
+def convnext_block(size: int = 8, dim: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """ConvNeXt block: depthwise 7x7 conv (NCHW), permute to NHWC, layernorm, MLP, layer scale,
+    permute back to NCHW, residual -- the NCHW <-> NHWC permutes around layernorm."""
+    g = _GraphBuilder(seed)
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dim, size, size])
+    t = g.op("Conv", ["x", g.weight((dim, 1, 7, 7)), g.weight((dim,), 0.1, "b")],
+             pads=[3, 3, 3, 3], group=dim)
+    t = g.op("Transpose", [t], perm=[0, 2, 3, 1])  # NHWC
+    t = g.layer_norm(t, dim)
+    t = g.linear(g.gelu(g.linear(t, dim, 4 * dim)), 4 * dim, dim)
+    t = g.op("Mul", [t, g.weight((dim,), 0.5, "gamma")])
+    t = g.op("Transpose", [t], perm=[0, 3, 1, 2])  # back to NCHW
+    y = g.op("Add", ["x", t])
+    return g.model("convnext_block", [x_in], y, [1, dim, size, size])
+
+
+def mobilevit_block(size: int = 8, dim: int = 16, patch: int = 2, seed: int = 0
+                    ) -> onnx.ModelProto:
+    """MobileViT's unfold -> transformer -> fold on x:[1, dim, size, size]: patches of
+    patch x patch pixels become sequences (reshape/transpose both ways)."""
+    g = _GraphBuilder(seed)
+    p, n = patch * patch, (size // patch) ** 2
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dim, size, size])
+    t = g.op("Conv", ["x", g.weight((dim, dim, 1, 1))])
+    # unfold: [1, C, H, W] -> [1, C, H/p, p, W/p, p] -> [1, p, p, H/p, W/p, C] -> [p*p, n, C]
+    t = g.op("Reshape", [t, g.shape([1, dim, size // patch, patch, size // patch, patch])])
+    t = g.op("Transpose", [t], perm=[0, 3, 5, 2, 4, 1])
+    t = g.op("Reshape", [t, g.shape([p, n, dim])])
+    a = _attention(g, g.layer_norm(t, dim), n, dim, 2, p)
+    t = g.op("Add", [t, a])
+    # fold back
+    t = g.op("Reshape", [t, g.shape([1, patch, patch, size // patch, size // patch, dim])])
+    t = g.op("Transpose", [t], perm=[0, 5, 3, 1, 4, 2])
+    t = g.op("Reshape", [t, g.shape([1, dim, size, size])])
+    t = g.op("Conv", [t, g.weight((dim, dim, 1, 1))])
+    y = g.op("Add", ["x", t])
+    return g.model("mobilevit_block", [x_in], y, [1, dim, size, size])
+
+
+def llm_block(seq: int = 16, dim: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0
+              ) -> onnx.ModelProto:
+    """A LLaMA-style prefill block: RMSNorm, Q/K/V head split, rotary embedding (slice /
+    negate / concat halves), grouped KV heads expanded to the query heads, causal softmax,
+    head merge, SwiGLU MLP."""
+    g = _GraphBuilder(seed)
+    dh = dim // heads
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, dim])
+
+    def rms(x):
+        sq = g.op("Mul", [x, x])
+        mean = g.op("ReduceMean", [sq], axes=[-1], keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(
+            np.array(1e-6, np.float32), "eps")])])])
+        return g.op("Mul", [g.op("Mul", [x, inv]), g.weight((dim,), 0.1, "rms")])
+
+    def rotary(t, n_heads):  # t: [1, n_heads, seq, dh]
+        half = dh // 2
+        pos = np.arange(seq)[:, None] / (10000 ** (np.arange(half) / half))[None, :]
+        cos = g.const(np.concatenate([np.cos(pos)] * 2, -1).astype(np.float32), "cos")
+        sin = g.const(np.concatenate([np.sin(pos)] * 2, -1).astype(np.float32), "sin")
+        x1 = g.op("Slice", [t, g.shape([0]), g.shape([half]), g.shape([3])])
+        x2 = g.op("Slice", [t, g.shape([half]), g.shape([dh]), g.shape([3])])
+        rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
+        return g.op("Add", [g.op("Mul", [t, cos]), g.op("Mul", [rot, sin])])
+
+    h = rms("x")
+    q = g.op("MatMul", [h, g.weight((dim, dim))])
+    k = g.op("MatMul", [h, g.weight((dim, kv_heads * dh))])
+    v = g.op("MatMul", [h, g.weight((dim, kv_heads * dh))])
+    q = g.op("Transpose", [g.op("Reshape", [q, g.shape([1, seq, heads, dh])])], perm=[0, 2, 1, 3])
+    k = g.op("Transpose", [g.op("Reshape", [k, g.shape([1, seq, kv_heads, dh])])],
+             perm=[0, 2, 1, 3])
+    v = g.op("Transpose", [g.op("Reshape", [v, g.shape([1, seq, kv_heads, dh])])],
+             perm=[0, 2, 1, 3])
+    q, k = rotary(q, heads), rotary(k, kv_heads)
+    rep = heads // kv_heads  # KV layout: [1, kv, seq, dh] -> [1, kv, rep, seq, dh] -> [1, h, ..]
+    k = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [k, g.shape([2])]),
+                                           g.shape([1, kv_heads, rep, seq, dh])]),
+                         g.shape([1, heads, seq, dh])])
+    v = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [v, g.shape([2])]),
+                                           g.shape([1, kv_heads, rep, seq, dh])]),
+                         g.shape([1, heads, seq, dh])])
+    causal = g.const(np.triu(np.full((seq, seq), -1e4, np.float32), 1), "causal")
+    s = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    s = g.op("Add", [g.op("Div", [s, g.const(np.array(np.sqrt(dh), np.float32), "scale")]),
+                     causal])
+    o = g.op("MatMul", [g.op("Softmax", [s], axis=-1), v])
+    o = g.op("Reshape", [g.op("Transpose", [o], perm=[0, 2, 1, 3]), g.shape([1, seq, dim])])
+    t = g.op("Add", ["x", g.op("MatMul", [o, g.weight((dim, dim))])])
+    m = rms(t)
+    gate = g.op("MatMul", [m, g.weight((dim, 2 * dim))])
+    up = g.op("MatMul", [m, g.weight((dim, 2 * dim))])
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+    y = g.op("Add", [t, g.op("MatMul", [act, g.weight((2 * dim, dim))])])
+    return g.model("llm_block", [x_in], y, [1, seq, dim])
+
+
 BUILTIN: dict[str, Callable[[], onnx.ModelProto]] = {
     "bert_layer": bert_layer,
     "swin_block": swin_block,
     "small_cnn": small_cnn,
+    "vit_block": vit_block,
+    "convnext_block": convnext_block,
+    "mobilevit_block": mobilevit_block,
+    "llm_block": llm_block,
 }
 
 
 def get(name: str) -> onnx.ModelProto:
-    """A built-in model by name (``bert_layer``, ``swin_block``, ``small_cnn``)."""
+    """A built-in model by name (see :data:`BUILTIN`)."""
     from .errors import ModelLoadError
 
     if name not in BUILTIN:

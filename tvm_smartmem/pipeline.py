@@ -5,21 +5,19 @@ phase is a list of passes, and each phase is a function of the target so that a 
 one place what runs where.  ``tvm.compile(mod, target, relax_pipeline="smartmem")`` works once
 ``import tvm`` has loaded this plugin (through the ``tvm.backends`` entry point).
 
-Phases, and where the SmartMem / DNNFusion passes slot in::
+Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
-    graph               ClassifyOperators -> MathPropertyRewrite -> EliminateLayoutTransforms
-                        -> SelectLayouts                      (Relax, before legalisation)
+    graph               ClassifyOperators, SplitToSlices [-> MathPropertyRewrite]
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
-    fuse                FusePlan (DNNFusion planner) or TVM's FuseOps, then FuseTIR
-    tir                 texture packing / lowering, index strength reduction, schedule rules
+    layout              EliminateLayoutTransforms [-> SelectLayouts]   (decisions as attributes)
+    fuse                FusePlan (DNNFusion planner; FuseOps for the baseline), then FuseTIR
+    tir                 InlineDataMovement, SimplifyIndices [, texture], then dlight schedules
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
     finalize            memory planning, VM lowering (TVM's own)
 
-Each later pass is added to its phase function below (see CONTRIBUTING.md, "Adding a pass").
-Every phase function takes ``smartmem``: with ``smartmem=False`` the same functions produce TVM's
-fused default pipeline, so the baseline and smartmem differ only by the passes that check that
-flag.  Until the graph passes land, both are the same pass list.
+Passes in brackets join their phase as their issues land (see CONTRIBUTING.md, "Adding a
+pass").  ``disable`` switches named smartmem passes off (the benchmark ablation uses it).
 """
 
 from __future__ import annotations
@@ -57,23 +55,25 @@ def _is_gpu(target: Target) -> bool:
 # -- phases ----------------------------------------------------------------------------------
 
 
-def library_dispatch_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
+def library_dispatch_passes(target: Target, smartmem: bool = True,
+                            disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
     return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
 
 
-def graph_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
-    """SmartMem / DNNFusion rewrites on high-level Relax, before legalisation.
+def graph_passes(target: Target, smartmem: bool = True,
+                 disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
+    """SmartMem / DNNFusion rewrites on high-level Relax, before legalisation."""
+    if not smartmem:
+        return []
+    from .analysis.classify import ClassifyOperators
+    from .transform.split_to_slices import SplitToSlices
 
-    Slots, in order: ClassifyOperators, MathPropertyRewrite, EliminateLayoutTransforms,
-    SelectLayouts(target).  Empty until those passes land; TVM's default has none.
-    """
-    passes: list[tvm.transform.Pass] = []
-    # ClassifyOperators, MathPropertyRewrite, EliminateLayoutTransforms and SelectLayouts(target)
-    # join this list as their issues land; TVM's default pipeline has no graph phase.
-    return passes if smartmem else []
+    return _enabled([("ClassifyOperators", ClassifyOperators),
+                     ("SplitToSlices", SplitToSlices)], disable)
 
 
-def legalize_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
+def legalize_passes(target: Target, smartmem: bool = True,
+                    disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
     return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -81,15 +81,47 @@ def legalize_passes(target: Target, smartmem: bool = True) -> list[tvm.transform
     ]
 
 
-def fuse_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
-    """Fusion: the DNNFusion planner slots in here in place of ``FuseOps`` for smartmem."""
+def layout_passes(target: Target, smartmem: bool = True,
+                  disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
+    """Layout decisions on legalised Relax (recorded as attributes for the fusion planner)."""
+    if not smartmem:
+        return []
+    from .transform.eliminate_layout import EliminateLayoutTransforms
+
+    return _enabled([("EliminateLayoutTransforms", EliminateLayoutTransforms)], disable)
+
+
+def fuse_passes(target: Target, smartmem: bool = True,
+                disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
+    """Fusion: DNNFusion's planner for smartmem, TVM's FuseOps for the baseline."""
+    if smartmem and "FusePlan" not in disable:
+        from .transform.fuse import FusePlan
+
+        return [FusePlan(target), relax.transform.FuseTIR()]
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
-def tir_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
-    """TIR after fusion: texture packing, index simplification and our schedule rules slot in
-    before TVM's dlight rules (which then only schedule what ours leave)."""
-    return [default_gpu_schedules()] if _is_gpu(target) else []
+def tir_passes(target: Target, smartmem: bool = True,
+               disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
+    """TIR after fusion: fold data movement into loads/stores, simplify the indices it leaves,
+    then TVM's dlight rules schedule everything (GPU targets)."""
+    passes: list[tvm.transform.Pass] = []
+    if smartmem:
+        from .tir.index_simplify import SimplifyIndices
+        from .tir.inline_data_movement import InlineDataMovement
+
+        passes += _enabled([("InlineDataMovement", InlineDataMovement),
+                            ("SimplifyIndices", SimplifyIndices)], disable)
+    return passes + ([default_gpu_schedules()] if _is_gpu(target) else [])
+
+
+def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
+    return [make() for name, make in named if name not in disable]
+
+
+#: Every smartmem pass that ``disable`` can name.
+SMARTMEM_PASSES = ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransforms",
+                   "FusePlan", "InlineDataMovement", "SimplifyIndices")
 
 
 def default_gpu_schedules() -> tvm.transform.Pass:
@@ -102,7 +134,8 @@ def default_gpu_schedules() -> tvm.transform.Pass:
     )
 
 
-def dataflow_lower_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
+def dataflow_lower_passes(target: Target, smartmem: bool = True,
+                          disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
     return [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
@@ -111,7 +144,8 @@ def dataflow_lower_passes(target: Target, smartmem: bool = True) -> list[tvm.tra
     ]
 
 
-def finalize_passes(target: Target, smartmem: bool = True) -> list[tvm.transform.Pass]:
+def finalize_passes(target: Target, smartmem: bool = True,
+                    disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
     passes = [relax.transform.StaticPlanBlockMemory()]
     if target_kind(target) == "cuda":
         passes.append(relax.transform.RewriteCUDAGraph())
@@ -126,10 +160,11 @@ def finalize_passes(target: Target, smartmem: bool = True) -> list[tvm.transform
     ]
 
 
-PHASES: list[tuple[str, Callable[[Target, bool], list[tvm.transform.Pass]]]] = [
+PHASES: list[tuple[str, Callable[..., list[tvm.transform.Pass]]]] = [
     ("library_dispatch", library_dispatch_passes),
     ("graph", graph_passes),
     ("legalize", legalize_passes),
+    ("layout", layout_passes),
     ("fuse", fuse_passes),
     ("tir", tir_passes),
     ("dataflow_lower", dataflow_lower_passes),
@@ -137,25 +172,31 @@ PHASES: list[tuple[str, Callable[[Target, bool], list[tvm.transform.Pass]]]] = [
 ]
 
 #: The phases that turn high-level Relax into fused kernels; statistics are read after them.
-UP_TO_KERNELS = ("library_dispatch", "graph", "legalize", "fuse", "tir")
+UP_TO_KERNELS = ("library_dispatch", "graph", "legalize", "layout", "fuse", "tir")
 
 
 def phase_passes(
-    target: Target, phases: tuple[str, ...] | None = None, smartmem: bool = True
+    target: Target, phases: tuple[str, ...] | None = None, smartmem: bool = True,
+    disable: tuple[str, ...] = (),
 ) -> list[tvm.transform.Pass]:
     """The passes of the named phases (all by default), in pipeline order."""
     target_kind(target)  # reject unsupported kinds early
     unknown = set(phases or ()) - {name for name, _ in PHASES}
     if unknown:
         raise ValueError(f"unknown phase(s) {sorted(unknown)}; phases: {[n for n, _ in PHASES]}")
+    bad = set(disable) - set(SMARTMEM_PASSES)
+    if bad:
+        raise ValueError(f"unknown pass(es) {sorted(bad)}; smartmem passes: {SMARTMEM_PASSES}")
+    off = frozenset(disable)
     return [
         p for name, make in PHASES if phases is None or name in phases
-        for p in make(target, smartmem)
+        for p in make(target, smartmem, off)
     ]
 
 
 def _as_pass(
-    name: str, target: Target | None, phases: tuple[str, ...] | None, smartmem: bool
+    name: str, target: Target | None, phases: tuple[str, ...] | None, smartmem: bool,
+    disable: tuple[str, ...] = (),
 ) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name=name)
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -165,13 +206,14 @@ def _as_pass(
                 "the pipeline needs a target: pass one, or run it inside `with target:`"
             )
         with tgt:
-            return tvm.transform.Sequential(phase_passes(tgt, phases, smartmem))(mod)
+            return tvm.transform.Sequential(phase_passes(tgt, phases, smartmem, disable))(mod)
 
     return _pipeline
 
 
 def smartmem_pipeline(
-    target: Target | str | None = None, phases: tuple[str, ...] | None = None
+    target: Target | str | None = None, phases: tuple[str, ...] | None = None,
+    disable: tuple[str, ...] = (),
 ) -> tvm.transform.Pass:
     """The smartmem Relax pipeline for ``target`` (a Target or a name from :mod:`targets`).
 
@@ -182,7 +224,7 @@ def smartmem_pipeline(
     from .targets import resolve
 
     return _as_pass("SmartMemPipeline", resolve(target) if target is not None else None,
-                    phases, True)
+                    phases, True, tuple(disable))
 
 
 def baseline(target: Target | str, phases: tuple[str, ...] | None = None) -> tvm.transform.Pass:
@@ -207,4 +249,5 @@ def register() -> None:
 
 
 def _registered_factory(**kwargs) -> tvm.transform.Pass:
-    return smartmem_pipeline(kwargs.get("target"), kwargs.get("phases"))
+    return smartmem_pipeline(kwargs.get("target"), kwargs.get("phases"),
+                             kwargs.get("disable", ()))

@@ -27,6 +27,7 @@
 #include <tvm/ffi/reflection/accessor.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -323,6 +324,13 @@ class OpenCLModuleNode : public ffi::ModuleObj {
 
     BuiltKernel& k = Kernel(device_id, info);
     std::lock_guard<std::mutex> lock(k.mu);
+    static const bool debug = std::getenv("TVM_SMARTMEM_OPENCL_DEBUG") != nullptr;
+    if (debug) {
+      std::fprintf(stderr, "[smartmem-opencl] module %p kernel %s (%p): %zu args, grid %zux%zux%zu"
+                   " block %zux%zux%zu\n", static_cast<void*>(this), info.name.c_str(),
+                   static_cast<void*>(k.kernel), nargs, work[0], work[1], work[2], work[3],
+                   work[4], work[5]);
+    }
     for (size_t i = 0; i < nargs; ++i) SetArg(info, k, i, args[static_cast<int>(i)]);
     size_t global[3], local[3];
     for (int d = 0; d < 3; ++d) {
@@ -360,6 +368,14 @@ class OpenCLModuleNode : public ffi::ModuleObj {
         Fail("argument #" + std::to_string(i) + " of kernel '" + info.name + "' must be " +
              (want == ArgKind::kImage ? "an image (texture memory scope)" : "a buffer") +
              ", got " + (h->is_image() ? "an image" : "a buffer"));
+      }
+      static const bool debug = std::getenv("TVM_SMARTMEM_OPENCL_DEBUG") != nullptr;
+      if (debug) {
+        size_t size = 0;
+        cl_int q = api.clGetMemObjectInfo(h->mem, CL_MEM_SIZE, sizeof(size), &size, nullptr);
+        std::fprintf(stderr, "    arg %zu: handle %p mem %p nbytes %zu -> %s %zu\n", i,
+                     static_cast<void*>(h), static_cast<void*>(h->mem), h->nbytes,
+                     ErrorName(q).c_str(), size);
       }
       err = api.clSetKernelArg(k.kernel, idx, sizeof(cl_mem), &h->mem);
     } else if (t.code == kDLInt || t.code == kDLUInt) {

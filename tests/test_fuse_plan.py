@@ -1,0 +1,162 @@
+"""The DNNFusion planner (FusePlan), its fusion table, and the cost layer behind yellow cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from conftest import LLVM, assert_matches, run_vm
+from tvm import relax
+
+from tvm_smartmem.analysis.classify import MappingType as M
+from tvm_smartmem.analysis.stats import collect
+from tvm_smartmem.cost import CostLayer, Verdict
+from tvm_smartmem.cost.db import ProfileDB
+from tvm_smartmem.cost.features import candidate_key, numeric_features
+from tvm_smartmem.cost.model import MIN_ROWS, LatencyModel
+from tvm_smartmem.pipeline import baseline, smartmem_pipeline
+from tvm_smartmem.transform.fuse import DECISIONS_ATTR, FusePlan, G, R, Y, relation
+
+LEGALIZE = tvm.transform.Sequential([
+    relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+])
+
+
+def test_fusion_table_cells():
+    assert relation(M.ONE_TO_ONE, M.MANY_TO_MANY) == (M.MANY_TO_MANY, G)
+    assert relation(M.MANY_TO_MANY, M.ONE_TO_ONE) == (M.MANY_TO_MANY, G)
+    assert relation(M.MANY_TO_MANY, M.MANY_TO_MANY) == (None, R)
+    assert relation(M.ONE_TO_MANY, M.MANY_TO_MANY) == (None, R)
+    assert relation(M.SHUFFLE, M.MANY_TO_MANY) == (M.MANY_TO_MANY, Y)
+    assert relation(M.REORGANIZE, M.SHUFFLE) == (M.REORGANIZE, G)
+    assert relation(M.OPAQUE, M.ONE_TO_ONE) == (None, R)
+    colours = [relation(a, b)[1] for a in M if a != M.OPAQUE for b in M if b != M.OPAQUE]
+    assert colours.count(G) == 13 and colours.count(Y) == 10 and colours.count(R) == 2
+
+
+def _module(build, *shapes):
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"p{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_elementwise_chain_is_one_kernel():
+    mod = _module(lambda bb, x: relax.op.sigmoid(relax.op.exp(relax.op.multiply(x, x))), (4, 8))
+    assert collect(smartmem_pipeline(LLVM)(mod)).kernels == 1
+
+
+def test_matmul_chain_is_red_and_epilogues_fuse():
+    """matmul -> add -> relu -> matmul: the second matmul never joins the first (red);
+    add and relu join the first as its epilogue."""
+
+    def build(bb, x, w1, w2):
+        h = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.matmul(x, w1), x)))
+        return relax.op.matmul(h, w2)
+
+    mod = _module(build, (8, 8), (8, 8), (8, 8))
+    s = collect(smartmem_pipeline(LLVM)(mod))
+    assert s.kernels == 2
+    data = [np.random.rand(8, 8).astype("float32") for _ in range(3)]
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    ref = np.maximum(data[0] @ data[1] + data[0], 0) @ data[2]
+    assert_matches(run_vm(ex, data), [ref])
+
+
+def test_computing_prologue_stays_out_of_a_matmul_but_layout_joins_it():
+    """exp(x) @ w: the exp would be recomputed per reuse inside the matmul (yellow, split);
+    transpose(x) @ w: the transpose becomes the matmul's read pattern (one kernel)."""
+    exp_first = _module(lambda bb, x, w: relax.op.matmul(relax.op.exp(x), w), (8, 8), (8, 8))
+    planned = FusePlan(LLVM)(LEGALIZE(exp_first))
+    decisions = [str(d) for d in planned["main"].attrs[DECISIONS_ATTR]]
+    assert decisions == ["tir_exp->matmul: split (analytic)"]  # legalised exp is "tir_exp"
+    assert collect(smartmem_pipeline(LLVM)(exp_first)).kernels == 2
+    transposed = _module(lambda bb, x, w: relax.op.matmul(relax.op.permute_dims(x), w),
+                         (8, 8), (8, 8))
+    base, ours = collect(baseline(LLVM)(transposed)), collect(smartmem_pipeline(LLVM)(transposed))
+    assert (base.kernels, ours.kernels) == (2, 1)  # FuseOps cannot do this one
+
+
+def test_injective_consumer_joins_the_producer_epilogue():
+    """softmax -> transpose -> (output): FuseOps leaves the transpose alone; here the softmax
+    writes through it."""
+    mod = _module(lambda bb, x: relax.op.permute_dims(relax.op.nn.softmax(x), [1, 0]), (4, 6))
+    base, ours = collect(baseline(LLVM)(mod)), collect(smartmem_pipeline(LLVM)(mod))
+    assert (base.kernels, ours.kernels) == (2, 1)
+    x = np.random.rand(4, 6).astype("float32")
+    e = np.exp(x - x.max(-1, keepdims=True))
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [x]), [(e / e.sum(-1, keepdims=True)).T])
+
+
+def test_opaque_operators_stay_alone():
+    def build(bb, x):
+        e = bb.emit(relax.op.exp(x))
+        u = bb.emit(relax.call_dps_packed("my_vendor_op", (e,), relax.TensorType((8,),
+                                                                                  "float32")))
+        return relax.op.sigmoid(u)
+
+    mod = _module(build, (8,))
+    fused = FusePlan(LLVM)(LEGALIZE(mod))
+    calls = [b.value for b in fused["main"].body.blocks[0].bindings
+             if isinstance(b.value, relax.Call)]
+    assert any(isinstance(c.op, tvm.ir.Op) and c.op.name == "relax.call_dps_packed"
+               for c in calls)
+
+
+# -- cost layer ------------------------------------------------------------------------------
+
+
+class _FakePlanner:
+    """Enough of a planner for candidate keys: one producer unit and one consumer unit."""
+
+    def __init__(self):
+        from tvm_smartmem.analysis.ecg import build_ecg
+        from tvm_smartmem.transform.fuse import build_units
+
+        mod = LEGALIZE(_module(lambda bb, x: relax.op.matmul(relax.op.permute_dims(x), x),
+                               (8, 8)))
+        self.ecg = build_ecg(mod["main"], mod)
+        self.units, _ = build_units(self.ecg, {})
+
+    def _prologue_compute(self, producers, consumers):
+        return False
+
+
+def test_profile_db_measured_then_model_then_analytic(tmp_path):
+    planner = _FakePlanner()
+    key = candidate_key(planner, {0}, 1, True, LLVM)
+    assert len(numeric_features(key)) == 17
+    db = ProfileDB(tmp_path / "profile.sqlite")
+    layer = CostLayer.of(db)
+    assert layer.should_fuse(planner, {0}, 1, True, LLVM) == Verdict(True, "analytic")
+    db.record(key, fused_ms=2.0, parts_ms=1.5, device="test")
+    assert layer.should_fuse(planner, {0}, 1, True, LLVM) == Verdict(False, "measured")
+    # persistence: a new connection sees the row
+    again = ProfileDB(tmp_path / "profile.sqlite")
+    assert len(again) == 1 and again.lookup(key).gain == pytest.approx(-1 / 3)
+
+
+def test_latency_model_learns_the_sign_of_the_gain(tmp_path):
+    rng = np.random.default_rng(0)
+    keys, gains = [], []
+    for i in range(40):
+        n = int(rng.integers(1, 64))
+        big = bool(i % 2)
+        shape = [n, 4096 if big else 4]
+        key = {"producer": [{"op": "matmul", "mapping": "MtM", "shape": shape, "dtype": "f"}],
+               "consumer": [{"op": "transpose", "mapping": "Shuffle", "shape": shape,
+                             "dtype": "f"}], "target": "llvm", "id": str(i)}
+        keys.append(key)
+        gains.append(0.3 if big else -0.3)  # fusing pays off for big tensors only
+    model = LatencyModel.train(keys, gains, rounds=50)
+    assert model.predict_gain(keys[1]) > 0 > model.predict_gain(keys[0])
+    model.save(tmp_path / "model.json")
+    assert LatencyModel.load(tmp_path / "model.json").predict_gain(keys[1]) > 0
+    db = ProfileDB(tmp_path / "small.sqlite")
+    assert not LatencyModel.from_db(db).ready  # fewer than MIN_ROWS rows: it declines
+    assert MIN_ROWS > 1
+

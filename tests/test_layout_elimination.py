@@ -1,0 +1,276 @@
+"""Layout-transform elimination end to end: decisions, kernels, index folding, numerics."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from conftest import LLVM, assert_matches, run_vm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from tvm import relax
+
+from tvm_smartmem import frontend, models, numerics
+from tvm_smartmem.analysis.stats import collect
+from tvm_smartmem.pipeline import UP_TO_KERNELS, baseline, smartmem_pipeline
+from tvm_smartmem.tir.index_simplify import count_div_mod
+from tvm_smartmem.transform.eliminate_layout import (
+    CONSUMER,
+    PRODUCER,
+    EliminateLayoutTransforms,
+    layout_plan,
+)
+
+LEGALIZE = tvm.transform.Sequential([
+    relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    relax.transform.FoldConstant(),
+])
+
+# model: (baseline kernels, baseline data-movement kernels, smartmem kernels).  Baseline data
+# movement: bert 4 = Q/K/V head splits + head merge; swin 7 = roll + partition, bias gather and
+# its reshape/transpose, Q/K/V splits, merge; vit 4 = Q/K/V splits + merge (the patch flatten is
+# a view); convnext 1 = the NCHW -> NHWC permute before layernorm (the one back fuses into the
+# residual add); mobilevit 6 = unfold, Q/K/V splits, merge, fold; llm 2 = the grouped K/V head
+# expansions; small_cnn 1 = the classifier weight's transpose.
+EXPECTED = {
+    "bert_layer": (15, 4, 11),
+    "swin_block": (19, 7, 12),
+    "vit_block": (17, 4, 12),
+    "convnext_block": (6, 1, 4),
+    "mobilevit_block": (16, 6, 10),
+    "llm_block": (18, 2, 14),
+    "small_cnn": (8, 1, 6),
+}
+
+
+def _compile(model, pipeline):
+    mod, params = frontend.from_onnx(model)
+    return mod, params, tvm.compile(mod, LLVM, relax_pipeline=pipeline(LLVM))
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_counts_and_numerics(name):
+    """Every data-movement kernel is gone, the kernel count drops as stated, and both builds
+    still match ONNX Runtime."""
+    model = models.get(name)
+    mod, params = frontend.from_onnx(model)
+    base = collect(baseline(LLVM)(mod))
+    ours = collect(smartmem_pipeline(LLVM)(mod))
+    kernels, dm, smart = EXPECTED[name]
+    assert (base.kernels, base.data_movement_kernels) == (kernels, dm)
+    assert (ours.kernels, ours.data_movement_kernels) == (smart, 0)
+    inputs = models.random_inputs(model, seed=11)
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [*inputs.values(), *params]),
+                   numerics.onnxruntime_reference(model, inputs))
+
+
+def test_bert_decisions():
+    """Head splits (reshape + transpose) fold into the attention matmuls' reads; the head merge
+    (transpose + reshape) into the output projection's reads."""
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    mod = EliminateLayoutTransforms()(LEGALIZE(mod))
+    plan = layout_plan(mod["main"])
+    assert len(plan) == 8 and set(plan.values()) == {CONSUMER}
+
+
+def test_fold_into_producer_when_the_consumer_is_a_graph_output():
+    """x -> exp -> transpose -> (output): no consumer to fold into, so exp writes through the
+    transpose's map (reverse_compute_inline), in one kernel."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 6), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            e = bb.emit(relax.op.exp(x))
+            out = bb.emit_output(relax.op.permute_dims(e, [1, 0]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    planned = EliminateLayoutTransforms()(LEGALIZE(mod))
+    assert set(layout_plan(planned["main"]).values()) == {PRODUCER}
+    s = collect(smartmem_pipeline(LLVM)(mod))
+    assert (s.kernels, s.data_movement_kernels) == (1, 0)
+    data = np.random.rand(4, 6).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [data]), [np.exp(data).T])
+
+
+def test_shared_tensor_gets_one_map_per_consumer():
+    """t = transpose(x) feeds two matmuls: each reads x through its own copy of the map."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, 4), "float32"))
+    w = relax.Var("w", relax.TensorType((8, 5), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            t = bb.emit(relax.op.permute_dims(x, [1, 0]))  # [4, 8]
+            a = bb.emit(relax.op.matmul(t, w))
+            b = bb.emit(relax.op.matmul(t, relax.op.exp(w)))
+            out = bb.emit_output(relax.op.add(a, b))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    base, ours = collect(baseline(LLVM)(mod)), collect(smartmem_pipeline(LLVM)(mod))
+    assert base.data_movement_kernels == 1 and ours.data_movement_kernels == 0
+    xs, ws = np.random.rand(8, 4).astype("float32"), np.random.rand(8, 5).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [xs, ws]), [xs.T @ ws + xs.T @ np.exp(ws)])
+
+
+def test_beats_tvms_own_layout_passes():
+    """TVM's OptimizeLayoutTransform, RemoveRedundantReshape and FuseTransposeMatmul (with its
+    fused default pipeline) still leave data-movement kernels in the BERT layer; ours none."""
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    tvm_passes = tvm.transform.Sequential([
+        relax.transform.FuseTransposeMatmul(),
+        relax.transform.RemoveRedundantReshape(),
+        relax.transform.OptimizeLayoutTransform(),
+    ])
+    theirs = collect(baseline(LLVM)(tvm_passes(mod)))
+    ours = collect(smartmem_pipeline(LLVM)(mod))
+    assert theirs.data_movement_kernels >= 3
+    assert ours.data_movement_kernels == 0 and ours.kernels < theirs.kernels
+
+
+def test_index_simplification_removes_the_div_mod_folding_leaves():
+    """Folded head splits read lv[(h * 16 + k) // 64 + i) % 32, (h * 16 + k) % 64]; with the
+    block ranges that is lv[i, h * 16 + k]."""
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    before = smartmem_pipeline(LLVM, phases=UP_TO_KERNELS, disable=("SimplifyIndices",))(mod)
+    after = smartmem_pipeline(LLVM, phases=UP_TO_KERNELS)(mod)
+
+    def total(m):
+        return sum(count_div_mod(f) for _, f in m.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc))
+
+    assert total(before) == 14
+    assert total(after) == 2  # the head merge's reads keep one split each: // 16 and % 16
+
+
+def test_every_pass_can_be_switched_off():
+    model = models.swin_block()
+    mod, params = frontend.from_onnx(model)
+    inputs = models.random_inputs(model, seed=4)
+    ref = numerics.onnxruntime_reference(model, inputs)
+    for off in ("EliminateLayoutTransforms", "FusePlan", "InlineDataMovement",
+                "SimplifyIndices"):
+        ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM, disable=(off,)))
+        assert_matches(run_vm(ex, [*inputs.values(), *params]), ref)
+
+
+# -- random chains of layout operators around matmul / conv / softmax -----------------------
+
+LAYOUT_OPS = ["reshape_split", "reshape_merge", "transpose", "slice"]
+
+
+@st.composite
+def layout_chains(draw):
+    consumer = draw(st.sampled_from(["matmul", "conv", "softmax"]))
+    ops = draw(st.lists(st.sampled_from(LAYOUT_OPS), min_size=1, max_size=4))
+    tail = draw(st.lists(st.sampled_from(LAYOUT_OPS), max_size=2))
+    return consumer, ops, tail
+
+
+def _chain_model(consumer: str, ops: list[str], tail: list[str]) -> onnx.ModelProto:
+    """x:[2, 6, 8] -> layout ops -> (back to rank 3) -> consumer -> layout ops -> y."""
+    rng = np.random.default_rng(len(ops) * 7 + len(tail))
+    nodes, inits = [], []
+    counter = [0]
+
+    def name(p):
+        counter[0] += 1
+        return f"{p}{counter[0]}"
+
+    def const(arr):
+        n = name("c")
+        inits.append(numpy_helper.from_array(np.asarray(arr), n))
+        return n
+
+    def apply(t, shape, op):
+        out = name("t")
+        if op == "reshape_split" and shape[-1] % 2 == 0:
+            shape = [*shape[:-1], 2, shape[-1] // 2]
+            nodes.append(helper.make_node("Reshape", [t, const(np.array(shape, np.int64))], [out]))
+        elif op == "reshape_merge" and len(shape) > 2:
+            shape = [*shape[:-2], shape[-2] * shape[-1]]
+            nodes.append(helper.make_node("Reshape", [t, const(np.array(shape, np.int64))], [out]))
+        elif op == "transpose" and len(shape) >= 2:
+            perm = list(range(len(shape)))
+            perm[-1], perm[-2] = perm[-2], perm[-1]
+            shape = [shape[p] for p in perm]
+            nodes.append(helper.make_node("Transpose", [t], [out], perm=perm))
+        elif op == "slice" and shape[-1] > 2:
+            shape = [*shape[:-1], shape[-1] - 1]
+            nodes.append(helper.make_node(
+                "Slice", [t, const(np.array([1], np.int64)), const(np.array([shape[-1] + 1],
+                                                                             np.int64)),
+                          const(np.array([len(shape) - 1], np.int64))], [out]))
+        else:
+            return t, shape
+        return out, shape
+
+    t, shape = "x", [2, 6, 8]
+    for op in ops:
+        t, shape = apply(t, shape, op)
+    n = int(np.prod(shape))
+    flat = [2, n // (2 * shape[-1]), shape[-1]] if n % (2 * shape[-1]) == 0 else [1, n // shape[-1],
+                                                                                  shape[-1]]
+    out = name("t")
+    nodes.append(helper.make_node("Reshape", [t, const(np.array(flat, np.int64))], [out]))
+    t, shape = out, flat
+    out = name("t")
+    if consumer == "matmul":
+        w = const(rng.standard_normal((shape[-1], 5)).astype(np.float32))
+        nodes.append(helper.make_node("MatMul", [t, w], [out]))
+        shape = [*shape[:-1], 5]
+    elif consumer == "softmax":
+        nodes.append(helper.make_node("Softmax", [t], [out], axis=-1))
+    else:  # conv over [N, C, L] as a 1-d conv
+        w = const(rng.standard_normal((4, shape[1], 1)).astype(np.float32))
+        nodes.append(helper.make_node("Conv", [t, w], [out]))
+        shape = [shape[0], 4, shape[2]]
+    t = out
+    for op in tail:
+        t, shape = apply(t, shape, op)
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 8])],
+        [helper.make_tensor_value_info(t, TensorProto.FLOAT, shape)], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout_chains())
+def test_random_layout_chains_fold_and_match(case):
+    model = _chain_model(*case)
+    mod, params = frontend.from_onnx(model)
+    ours = collect(smartmem_pipeline(LLVM)(mod))
+    assert ours.data_movement_kernels == 0
+    x = np.random.default_rng(0).standard_normal((2, 6, 8)).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [x, *params]),
+                   numerics.onnxruntime_reference(model, {"x": x}))
+
+
+def test_split_fields_become_slices_that_fold():
+    """q, k = split(x): one multi-output kernel in TVM; here two slices folded into the matmul."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((6, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            parts = bb.emit(relax.op.split(x, 2, axis=1))
+            q = bb.emit(relax.TupleGetItem(parts, 0))
+            k = bb.emit(relax.TupleGetItem(parts, 1))
+            out = bb.emit_output(relax.op.matmul(q, relax.op.permute_dims(k)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    from tvm_smartmem.transform.split_to_slices import SplitToSlices
+
+    ops = collect(SplitToSlices()(mod)).op_histogram
+    assert "relax.split" not in ops and ops["relax.strided_slice"] == 2
+    base, ours = collect(baseline(LLVM)(mod)), collect(smartmem_pipeline(LLVM)(mod))
+    assert base.kernels == 3 and (ours.kernels, ours.data_movement_kernels) == (1, 0)
+    data = np.random.rand(6, 8).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [data]), [data[:, :4] @ data[:, 4:].T])

@@ -1,0 +1,87 @@
+"""The profile database: measured latencies of fusion candidates (fused block vs. its parts).
+
+One sqlite file, one row per (candidate key, target kind); written by ``tvm-smartmem tune`` and
+read by the fusion planner.  Keys are the JSON descriptions of :mod:`.features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sqlite3
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fused_ms REAL NOT NULL,
+    parts_ms REAL NOT NULL,
+    device TEXT,
+    created TEXT,
+    PRIMARY KEY (id, target)
+)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    id: str
+    target: str
+    key: dict
+    fused_ms: float
+    parts_ms: float
+    device: str
+
+    @property
+    def gain(self) -> float:
+        """Relative time saved by fusing (positive: fusing is faster)."""
+        return (self.parts_ms - self.fused_ms) / self.parts_ms if self.parts_ms else 0.0
+
+
+class ProfileDB:
+    """A persistent table of measurements; safe to open from several processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), timeout=30)
+        self._conn.execute(_SCHEMA)
+        self._conn.commit()
+
+    def record(self, key: dict, fused_ms: float, parts_ms: float, device: str = "") -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key["id"], key["target"], json.dumps(key, sort_keys=True), float(fused_ms),
+             float(parts_ms), device,
+             datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")),
+        )
+        self._conn.commit()
+
+    def lookup(self, key: dict) -> Row | None:
+        cur = self._conn.execute(
+            "SELECT id, target, key, fused_ms, parts_ms, device FROM entries "
+            "WHERE id = ? AND target = ?", (key["id"], key["target"]),
+        )
+        r = cur.fetchone()
+        return _row(r) if r else None
+
+    def rows(self, target: str | None = None) -> list[Row]:
+        sql = "SELECT id, target, key, fused_ms, parts_ms, device FROM entries"
+        args: tuple = ()
+        if target:
+            sql += " WHERE target = ?"
+            args = (target,)
+        return [_row(r) for r in self._conn.execute(sql, args).fetchall()]
+
+    def __len__(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _row(r) -> Row:
+    return Row(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5] or "")

@@ -1,0 +1,331 @@
+"""FusePlan: DNNFusion's fusion planner (PLDI'21, Listing 1) for legalised Relax.
+
+Seeds are one-to-one operators, taken in order of smallest intermediate result; each block grows
+to its successors, then to its predecessors, as long as the mapping-type fusion table allows:
+
+==============  ===========  ===========  =========  ===========  ===========
+first \\ second  OtO          OtM          MtM        Reorg        Shuffle
+==============  ===========  ===========  =========  ===========  ===========
+OtO             OtO green    OtM green    MtM green  Reorg green  Shuf green
+OtM             OtM green    OtM yellow   red        OtM yellow   OtM yellow
+MtM             MtM green    MtM yellow   red        MtM yellow   MtM yellow
+Reorg           Reorg green  OtM yellow   MtM yel.   Reorg green  Reorg green
+Shuffle         Shuf green   OtM yellow   MtM yel.   Reorg green  Shuf green
+==============  ===========  ===========  =========  ===========  ===========
+
+Green fuses, red never does, yellow asks the cost layer (``tvm_smartmem.cost``: measured
+latencies from the profile database, else the xgboost model trained on it, else an analytic
+estimate) and records where the answer came from.  Every addition must keep the block legal:
+convex (no path leaves the block and comes back), at most one output when the block holds a
+many-to-many operator (the schedule rules expect that), and within the target's kernel-argument
+limit.
+
+Layout decisions of ``EliminateLayoutTransforms`` are honoured first: a fixed-layout operator
+marked ``consumer`` / ``producer`` is glued to that neighbour before planning, so the planner
+sees (and extends) the glued unit -- this is how injective producers end up inside matmul /
+conv / softmax / layernorm kernels and injective consumers inside their producers' epilogues,
+which TVM's ``FuseOps`` never does.  Opaque operators stay alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import relax
+
+from ..analysis.classify import MappingType as M
+from ..analysis.ecg import ECG, Node, build_ecg
+from .eliminate_layout import CONSUMER, PRODUCER, layout_plan
+from .partition import fuse_groups
+
+G, Y, R = "green", "yellow", "red"
+
+TABLE: dict[tuple[M, M], tuple[M | None, str]] = {
+    (M.ONE_TO_ONE, M.ONE_TO_ONE): (M.ONE_TO_ONE, G),
+    (M.ONE_TO_ONE, M.ONE_TO_MANY): (M.ONE_TO_MANY, G),
+    (M.ONE_TO_ONE, M.MANY_TO_MANY): (M.MANY_TO_MANY, G),
+    (M.ONE_TO_ONE, M.REORGANIZE): (M.REORGANIZE, G),
+    (M.ONE_TO_ONE, M.SHUFFLE): (M.SHUFFLE, G),
+    (M.ONE_TO_MANY, M.ONE_TO_ONE): (M.ONE_TO_MANY, G),
+    (M.ONE_TO_MANY, M.ONE_TO_MANY): (M.ONE_TO_MANY, Y),
+    (M.ONE_TO_MANY, M.MANY_TO_MANY): (None, R),
+    (M.ONE_TO_MANY, M.REORGANIZE): (M.ONE_TO_MANY, Y),
+    (M.ONE_TO_MANY, M.SHUFFLE): (M.ONE_TO_MANY, Y),
+    (M.MANY_TO_MANY, M.ONE_TO_ONE): (M.MANY_TO_MANY, G),
+    (M.MANY_TO_MANY, M.ONE_TO_MANY): (M.MANY_TO_MANY, Y),
+    (M.MANY_TO_MANY, M.MANY_TO_MANY): (None, R),
+    (M.MANY_TO_MANY, M.REORGANIZE): (M.MANY_TO_MANY, Y),
+    (M.MANY_TO_MANY, M.SHUFFLE): (M.MANY_TO_MANY, Y),
+    (M.REORGANIZE, M.ONE_TO_ONE): (M.REORGANIZE, G),
+    (M.REORGANIZE, M.ONE_TO_MANY): (M.ONE_TO_MANY, Y),
+    (M.REORGANIZE, M.MANY_TO_MANY): (M.MANY_TO_MANY, Y),
+    (M.REORGANIZE, M.REORGANIZE): (M.REORGANIZE, G),
+    (M.REORGANIZE, M.SHUFFLE): (M.REORGANIZE, G),
+    (M.SHUFFLE, M.ONE_TO_ONE): (M.SHUFFLE, G),
+    (M.SHUFFLE, M.ONE_TO_MANY): (M.ONE_TO_MANY, Y),
+    (M.SHUFFLE, M.MANY_TO_MANY): (M.MANY_TO_MANY, Y),
+    (M.SHUFFLE, M.REORGANIZE): (M.REORGANIZE, G),
+    (M.SHUFFLE, M.SHUFFLE): (M.SHUFFLE, G),
+}
+
+DECISIONS_ATTR = "smartmem.fusion_decisions"
+PLANNER_ATTR = "smartmem.planner"
+
+
+def relation(first: M, second: M) -> tuple[M | None, str]:
+    """Fused type and colour of a producer (``first``) -> consumer (``second``) pair."""
+    if M.OPAQUE in (first, second):
+        return None, R
+    return TABLE[(first, second)]
+
+
+@dataclasses.dataclass
+class Unit:
+    """Atoms of planning: one node, or nodes glued by layout elimination."""
+
+    members: set[int]
+    mapping: M
+    mtm: int  # many-to-many operators inside
+
+    @property
+    def opaque(self) -> bool:
+        return self.mapping == M.OPAQUE
+
+
+@dataclasses.dataclass
+class Decision:
+    producer: str
+    consumer: str
+    fuse: bool
+    source: str  # "measured" | "model" | "analytic" | "table" | "layout"
+
+    def __str__(self) -> str:
+        return f"{self.producer}->{self.consumer}: {'fuse' if self.fuse else 'split'} " \
+               f"({self.source})"
+
+
+def _fusable(node: Node) -> bool:
+    return isinstance(node.value, (relax.Call, relax.TupleGetItem)) and not node.cls.opaque
+
+
+def build_units(ecg: ECG, decisions: dict[str, str]) -> tuple[list[Unit], list[int]]:
+    """Glue layout-eliminated operators to their chosen neighbours (union-find)."""
+    parent = list(range(len(ecg)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for node in ecg:
+        if isinstance(node.value, relax.TupleGetItem) and len(node.preds) == 1 and \
+                _fusable(ecg.nodes[node.preds[0]]):
+            # a multi-output kernel and the fields read from it belong together: the group then
+            # exposes fields, never the tuple next to one of its own fields
+            parent[find(node.index)] = find(node.preds[0])
+    for node in ecg:
+        choice = decisions.get(node.var.name)
+        if choice == CONSUMER and len(node.succs) == 1:
+            parent[find(node.index)] = find(node.succs[0])
+        elif choice == PRODUCER and len(node.preds) == 1:
+            parent[find(node.index)] = find(node.preds[0])
+    groups: dict[int, set[int]] = {}
+    for node in ecg:
+        groups.setdefault(find(node.index), set()).add(node.index)
+    units, unit_of = [], [0] * len(ecg)
+    for members in sorted(groups.values(), key=min):
+        nodes = [ecg.nodes[i] for i in members]
+        if any(not _fusable(n) for n in nodes):
+            mapping = M.OPAQUE
+        else:
+            mapping = max((n.mapping for n in nodes), default=M.OPAQUE)
+        units.append(Unit(members, mapping, sum(n.mapping == M.MANY_TO_MANY for n in nodes)))
+        for i in members:
+            unit_of[i] = len(units) - 1
+    return units, unit_of
+
+
+class Planner:
+    """Listing 1 of DNNFusion over units of an ECG."""
+
+    def __init__(self, ecg: ECG, units: list[Unit], unit_of: list[int], cost, target,
+                 max_args: int = 64, max_units: int = 48):
+        self.ecg, self.units, self.unit_of = ecg, units, unit_of
+        self.cost, self.target = cost, target
+        self.max_args, self.max_units = max_args, max_units
+        self.succ = [set() for _ in units]
+        self.pred = [set() for _ in units]
+        for a, b in ecg.edges():
+            ua, ub = unit_of[a.index], unit_of[b.index]
+            if ua != ub:
+                self.succ[ua].add(ub)
+                self.pred[ub].add(ua)
+        self.block_of = [-1] * len(units)
+        self.decisions: list[Decision] = []
+
+    # -- legality ------------------------------------------------------------------------------
+    def _members(self, block: set[int]) -> set[int]:
+        return set().union(*(self.units[u].members for u in block))
+
+    def _convex(self, block: set[int]) -> bool:
+        frontier = [s for u in block for s in self.succ[u] if s not in block]
+        seen: set[int] = set()
+        while frontier:
+            u = frontier.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in block:
+                return False
+            frontier.extend(self.succ[u])
+        return True
+
+    def _outputs(self, block: set[int]) -> int:
+        """Tensors the block would write for others (a tuple counts each field)."""
+        members = self._members(block)
+        return sum(
+            self.ecg.nodes[i].n_outputs for i in members
+            if self.ecg.nodes[i].is_output or any(s not in members for s in self.ecg.nodes[i].succs)
+        )
+
+    def _inputs(self, block: set[int]) -> int:
+        members = self._members(block)
+        inputs = set()
+        for i in members:
+            for v in relax.analysis.free_vars(self.ecg.nodes[i].value):
+                if not any(self.ecg.nodes[m].var.same_as(v) for m in members):
+                    inputs.add(v)
+        return len(inputs)
+
+    def legal(self, block: set[int]) -> bool:
+        if len(block) > self.max_units or not self._convex(block):
+            return False
+        if sum(self.units[u].mtm for u in block) > 1:
+            return False
+        if any(self.units[u].mtm for u in block) and self._outputs(block) > 1:
+            return False
+        return self._inputs(block) + self._outputs(block) <= self.max_args
+
+    def _prologue_compute(self, producers: set[int], consumers: set[int]) -> bool:
+        """Producers that compute (not only move data) flowing into a many-to-many consumer."""
+        if not any(self.units[u].mtm for u in consumers):
+            return False
+        return any(not self.ecg.nodes[i].quadrant.fixed
+                   for u in producers for i in self.units[u].members)
+
+    # -- growth --------------------------------------------------------------------------------
+    def _label(self, u: int) -> str:
+        return "+".join(self.ecg.nodes[i].op for i in sorted(self.units[u].members))
+
+    def _try_add(self, block: set[int], kind: M, cand: int, forward: bool) -> M | None:
+        unit = self.units[cand]
+        if unit.opaque or self.block_of[cand] != -1 or cand in block:
+            return None
+        first, second = (kind, unit.mapping) if forward else (unit.mapping, kind)
+        fused, colour = relation(first, second)
+        if colour == R:
+            return None
+        trial = block | {cand}
+        if not self.legal(trial):
+            return None
+        producers, consumers = (block, {cand}) if forward else ({cand}, block)
+        if colour == G and self._prologue_compute(producers, consumers):
+            # TVM inlines a prologue into the many-to-many consumer's reads, which recomputes
+            # it for every reuse (N times per element of a matmul operand); DNNFusion's own
+            # code generator computes it once.  So here it is a yellow cell, not a green one.
+            colour = Y
+        if colour == Y:
+            verdict = self.cost.should_fuse(self, block, cand, forward, self.target)
+            src, dst = (self._label(next(iter(block))), self._label(cand)) if forward else \
+                (self._label(cand), self._label(next(iter(block))))
+            self.decisions.append(Decision(src, dst, verdict.fuse, verdict.source))
+            if not verdict.fuse:
+                return None
+        return fused
+
+    def _grow(self, block: set[int], kind: M, start: int) -> M:
+        # successors first (recursively), then predecessors, as in Listing 1
+        stack = [start]
+        while stack:
+            u = stack.pop()
+            for s in sorted(self.succ[u]):
+                fused = self._try_add(block, kind, s, forward=True)
+                if fused is not None:
+                    block.add(s)
+                    kind = fused
+                    stack.append(s)
+        stack = sorted(block, reverse=True)
+        while stack:
+            u = stack.pop()
+            for p in sorted(self.pred[u]):
+                fused = self._try_add(block, kind, p, forward=False)
+                if fused is not None:
+                    block.add(p)
+                    kind = fused
+                    stack.append(p)
+        return kind
+
+    def run(self) -> list[set[int]]:
+        blocks: list[set[int]] = []
+
+        def size(u: int) -> int:
+            sizes = [self.ecg.nodes[i].nbytes or 0 for i in self.units[u].members]
+            return max(sizes, default=0)
+
+        seeds = sorted((u for u, unit in enumerate(self.units)
+                        if unit.mapping == M.ONE_TO_ONE), key=lambda u: (size(u), u))
+        for seed in seeds:
+            if self.block_of[seed] != -1:
+                continue
+            block = {seed}
+            self._grow(block, self.units[seed].mapping, seed)
+            for u in block:
+                self.block_of[u] = len(blocks)
+            blocks.append(block)
+        for u, unit in enumerate(self.units):  # unseeded units: MtM, OtM, layout, opaque
+            if self.block_of[u] == -1 and not unit.opaque:
+                block = {u}
+                self._grow(block, unit.mapping, u)
+                for v in block:
+                    self.block_of[v] = len(blocks)
+                blocks.append(block)
+        return [self._members(b) for b in blocks]
+
+
+def FusePlan(
+    target: tvm.target.Target | None = None, profile_db=None, func_name: str = "main",
+) -> tvm.transform.Pass:
+    """DNNFusion's planner; replaces ``FuseOps`` in the smartmem pipeline (``FuseTIR`` follows).
+
+    ``profile_db`` is a :class:`tvm_smartmem.cost.ProfileDB` (or a path to one) consulted for
+    yellow decisions; without it the decisions come from the cost model / analytic estimate.
+    The decisions are recorded on ``main`` as ``smartmem.fusion_decisions``.
+    """
+    from ..cost import CostLayer
+
+    @tvm.transform.module_pass(opt_level=0, name="FusePlan")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        func = mod[func_name]
+        if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
+                                                        relax.DataflowBlock):
+            return relax.transform.FuseOps()(mod)  # control flow: leave it to TVM
+        tgt = target or tvm.target.Target.current(allow_none=True)
+        ecg = build_ecg(func, mod)
+        units, unit_of = build_units(ecg, layout_plan(func))
+        max_args = int(tgt.attrs.get("max_function_args", 128)) // 2 if tgt is not None and \
+            "max_function_args" in tgt.attrs else 64
+        planner = Planner(ecg, units, unit_of, CostLayer.of(profile_db), tgt, max_args=max_args)
+        groups = planner.run()
+        groups = [[ecg.nodes[i].var for i in sorted(g)] for g in groups if len(g) > 1]
+        out = fuse_groups(mod, groups, func_name=func_name,
+                          attrs={PLANNER_ATTR: "dnnfusion"})
+        out[func_name] = out[func_name].with_attr(
+            DECISIONS_ATTR, [str(d) for d in planner.decisions]
+        )
+        return out
+
+    return _pass

@@ -1,0 +1,257 @@
+"""Materialise a fusion partition: groups of ``call_tir`` bindings -> ``Primitive`` functions.
+
+TVM's ``FuseOps`` decides *and* materialises its groups in one C++ pass.  Our planners (the
+DNNFusion planner, layout elimination) decide groups by their own rules; this module turns such
+a decision into exactly what ``FuseOps`` would have produced -- one private Relax function per
+group, marked ``Primitive``, called from ``main`` -- so that TVM's ``FuseTIR`` lowers every group
+into one PrimFunc, unchanged.
+
+Works on a legalised function whose body is one dataflow block of ``call_tir`` bindings (plus
+tuples, ``TupleGetItem`` and the odd ``R.reshape``), which is what ``LegalizeOps`` gives for
+imported models.  Groups must be *convex* (no path leaves a group and comes back); a group's
+outputs are its members used outside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+
+@mutator
+class _Substitute(PyExprMutator):
+    """Replace variables by other expressions (everything else is rebuilt as is)."""
+
+    def __init__(self, mapping: dict):
+        super().__init__()
+        self.mapping = mapping
+
+    def visit_var_(self, op):
+        return self.mapping.get(op, op)
+
+    def visit_generic_const_(self, op):
+        return next((v for k, v in self.mapping.items() if k.same_as(op)), op)
+
+    def visit_dataflow_var_(self, op):
+        return self.mapping.get(op, op)
+
+
+def substitute(expr: relax.Expr, mapping: dict) -> relax.Expr:
+    return _Substitute(mapping).visit_expr(expr) if mapping else expr
+
+
+@dataclasses.dataclass
+class Block:
+    """The bindings of a function's single dataflow block, with use-def information."""
+
+    func: relax.Function
+    bindings: list
+    index: dict  # var -> binding index
+    deps: list[set[int]]  # binding index -> indices of bindings it reads
+    users: list[set[int]]  # binding index -> indices of bindings reading it
+    output_vars: set  # vars used after the dataflow block (the function's result)
+
+    @classmethod
+    def of(cls, func: relax.Function) -> Block:
+        blocks = func.body.blocks
+        if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
+            raise ValueError("expected a function body made of one dataflow block")
+        bindings = list(blocks[0].bindings)
+        index = {b.var: i for i, b in enumerate(bindings)}
+        deps = [
+            {index[v] for v in relax.analysis.free_vars(b.value) if v in index}
+            for b in bindings
+        ]
+        users: list[set[int]] = [set() for _ in bindings]
+        for i, ds in enumerate(deps):
+            for d in ds:
+                users[d].add(i)
+        outs = {v for v in relax.analysis.free_vars(func.body.body) if v in index}
+        return cls(func, bindings, index, deps, users, outs)
+
+
+def check_convex(block: Block, group: set[int]) -> None:
+    """Raise ValueError when a path leaves ``group`` and re-enters it (fusing would cycle)."""
+    frontier = [u for m in group for u in block.users[m] if u not in group]
+    seen: set[int] = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in group:
+            raise ValueError("fusion group is not convex: a path leaves it and comes back")
+        frontier.extend(block.users[n])
+
+
+def _topo_order(block: Block, node_of: list[int], n_nodes: int) -> list[int]:
+    """Nodes (groups / single bindings) in a dependency order close to the original one."""
+    import heapq
+
+    first = [len(block.bindings)] * n_nodes
+    for i, n in enumerate(node_of):
+        first[n] = min(first[n], i)
+    preds: list[set[int]] = [set() for _ in range(n_nodes)]
+    for i, ds in enumerate(block.deps):
+        for d in ds:
+            if node_of[d] != node_of[i]:
+                preds[node_of[i]].add(node_of[d])
+    succs: list[set[int]] = [set() for _ in range(n_nodes)]
+    for n, ps in enumerate(preds):
+        for p in ps:
+            succs[p].add(n)
+    indeg = [len(p) for p in preds]
+    ready = [(first[n], n) for n in range(n_nodes) if indeg[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, n = heapq.heappop(ready)
+        order.append(n)
+        for s in succs[n]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                heapq.heappush(ready, (first[s], s))
+    if len(order) != n_nodes:
+        raise ValueError("fusion groups form a cycle")
+    return order
+
+
+def fuse_groups(
+    mod: tvm.IRModule,
+    groups: Sequence[Sequence[relax.Var]],
+    *,
+    func_name: str = "main",
+    name_prefix: str = "fused",
+    attrs: dict | None = None,
+) -> tvm.IRModule:
+    """Return ``mod`` with each group of bindings (given by their vars) of ``func_name``
+    replaced by a call to a new ``Primitive`` function.  Groups of one binding are left as is.
+
+    ``attrs`` are added to every new function (e.g. which planner made it and why).
+    """
+    func = mod[func_name]
+    block = Block.of(func)
+    node_of = list(range(len(block.bindings)))
+    members: dict[int, list[int]] = {}
+    next_node = len(block.bindings)
+    for group in groups:
+        idx = sorted({block.index[v] for v in group})
+        if len(idx) < 2:
+            continue
+        if any(node_of[i] >= len(block.bindings) for i in idx):
+            raise ValueError("a binding belongs to two fusion groups")
+        check_convex(block, set(idx))
+        for i in idx:
+            node_of[i] = next_node
+        members[next_node] = idx
+        next_node += 1
+    if not members:
+        return mod
+    # compact node ids
+    ids = {n: k for k, n in enumerate(sorted(set(node_of)))}
+    node_of = [ids[n] for n in node_of]
+    members = {ids[n]: m for n, m in members.items()}
+    order = _topo_order(block, node_of, len(ids))
+
+    bb = relax.BlockBuilder(mod.clone())
+    mapping: dict = {}
+    func_attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
+    tmp_name = f"{func_name}__smartmem_partitioned"
+    with bb.function(tmp_name, list(func.params), attrs=func_attrs):
+        with bb.dataflow():
+            for n in order:
+                if n not in members:
+                    i = next(i for i, k in enumerate(node_of) if k == n)
+                    _emit_binding(bb, block.bindings[i], block, mapping)
+                else:
+                    _emit_group(bb, block, members[n], mapping, name_prefix, attrs or {})
+            result = substitute(func.body.body, mapping)
+            gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
+        bb.emit_func_output(gv)
+    built = bb.get()
+    # the rebuilt function takes the original's place (and name); nothing calls it by GlobalVar
+    functions = {}
+    for gvar, f in built.functions_items():
+        if gvar.name_hint == tmp_name:
+            functions[tvm.ir.GlobalVar(func_name)] = f.with_attr("global_symbol", func_name) \
+                if "global_symbol" in func_attrs else f.without_attr("global_symbol")
+        elif gvar.name_hint != func_name:
+            functions[gvar] = f
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
+def _emit_binding(bb, binding, block: Block, mapping: dict) -> None:
+    value = substitute(binding.value, mapping)
+    if isinstance(binding.var, relax.DataflowVar):
+        mapping[binding.var] = bb.emit(value, name_hint=binding.var.name)
+    else:
+        mapping[binding.var] = bb.emit_output(value, name_hint=binding.var.name)
+
+
+def _emit_group(bb, block: Block, idx: list[int], mapping: dict, prefix: str,
+                attrs: dict) -> None:
+    group = set(idx)
+    member_vars = {block.bindings[i].var for i in idx}
+    inputs: list = []
+    for i in idx:
+        for v in relax.analysis.free_vars(block.bindings[i].value):
+            if v not in member_vars and v not in inputs:
+                inputs.append(v)
+    # tensor constants become arguments: FuseTIR accepts no constants inside a group
+    constants: list = []
+    for i in idx:
+        relax.analysis.post_order_visit(
+            block.bindings[i].value,
+            lambda e: constants.append(e)
+            if isinstance(e, tvm.ir.GenericConst) and isinstance(e.ty, relax.TensorType)
+            and not any(e.same_as(c) for c in constants) else None,
+        )
+    inputs += constants
+    outputs = [i for i in idx
+               if any(u not in group for u in block.users[i])
+               or block.bindings[i].var in block.output_vars]
+    params = [relax.Var(v.name if isinstance(v, relax.Var) else f"const{k}", v.ty)
+              for k, v in enumerate(inputs)]
+    local = dict(zip(inputs, params, strict=True))
+    name = _group_name(block, idx, prefix)
+    inner = relax.BlockBuilder()
+    with inner.function(name, params, attrs={"Primitive": True, **attrs}, private=True):
+        with inner.dataflow():
+            for i in idx:
+                b = block.bindings[i]
+                local[b.var] = inner.emit(substitute(b.value, local), name_hint=b.var.name)
+            results = [local[block.bindings[i].var] for i in outputs]
+            ret = results[0] if len(results) == 1 else relax.Tuple(results)
+            gv = inner.emit_output(ret)
+        inner.emit_func_output(gv)
+    fused = inner.get()[name]
+    callee = bb.add_func(fused, name)
+    args = [mapping.get(v, v) if isinstance(v, relax.Var) else v for v in inputs]
+    call = relax.Call(callee, args)
+    if len(outputs) == 1:
+        _bind_output(bb, block.bindings[outputs[0]].var, call, mapping)
+    else:
+        tup = bb.emit(call, name_hint=f"{name}_out")
+        for k, i in enumerate(outputs):
+            _bind_output(bb, block.bindings[i].var, relax.TupleGetItem(tup, k), mapping)
+
+
+def _bind_output(bb, old_var, value, mapping: dict) -> None:
+    if isinstance(old_var, relax.DataflowVar):
+        mapping[old_var] = bb.emit(value, name_hint=old_var.name)
+    else:
+        mapping[old_var] = bb.emit_output(value, name_hint=old_var.name)
+
+
+def _group_name(block: Block, idx: list[int], prefix: str) -> str:
+    parts = []
+    for i in idx:
+        v = block.bindings[i].value
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and \
+                v.op.name == "relax.call_tir":
+            parts.append(v.args[0].name_hint)
+    return "_".join([prefix, *parts])[:120] or prefix
