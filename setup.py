@@ -1,6 +1,8 @@
 """Install tvm-smartmem: ``pip install .`` (add ``[test]`` for the test suite, ``[zoo]`` for
 exporting the model zoo with PyTorch)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 TVM_PINS = [
@@ -15,7 +17,7 @@ setup(
     version="0.1.0",
     description="SmartMem / DNNFusion layout elimination, fusion and 2.5D texture memory "
     "for Apache TVM (Relax), aimed at mobile GPUs",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["tvm_smartmem", "tvm_smartmem.*"]),

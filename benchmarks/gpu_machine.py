@@ -134,6 +134,10 @@ def prepare(args: argparse.Namespace) -> None:
               f"{len(pipelines) * len(TARGETS)} builds in {time.perf_counter() - t0:.0f} s",
               flush=True)
     _pack_runtime(bundle)
+    # libraries are mostly kernel source text: compressed, a dozen models fit in one call
+    with tarfile.open(bundle / "models.tar.gz", "w:gz") as tar:
+        tar.add(bundle / "models", arcname="models")
+    shutil.rmtree(bundle / "models")
     (bundle / "icd").mkdir()
     (bundle / "icd" / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -180,7 +184,11 @@ def _setup_runtime(bundle: Path, site: Path) -> dict[str, str]:
                         "--no-deps", "--no-compile", "--target", str(site), *wheels], check=True)
         with tarfile.open(bundle / "tvm_runtime.tar.gz") as tar:
             tar.extractall(site, filter="data")
+    if not (site / "models").exists():
+        with tarfile.open(bundle / "models.tar.gz") as tar:
+            tar.extractall(site, filter="data")
     env = dict(os.environ)
+    env["SMARTMEM_BUNDLE_MODELS"] = str(site / "models")
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
     env["OCL_ICD_VENDORS"] = str((bundle / "icd").resolve())
     env["TVM_SMARTMEM_OPENCL_LIB"] = "libOpenCL.so.1"
@@ -250,6 +258,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
     from tvm_smartmem.runtime import opencl
 
     bundle = Path(args.bundle)
+    models_dir = Path(os.environ["SMARTMEM_BUNDLE_MODELS"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     tvm_lib = Path(tvm.__file__).resolve().parent / "lib"
     load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_GLOBAL", extra_lib_paths=[tvm_lib])
@@ -275,7 +284,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
         inputs = _inputs(entry["inputs"], manifest["seed"])
         feeds = {s["name"]: a for s, a in zip(entry["inputs"], inputs, strict=True)}
         feeds.update(zip(entry["weight_names"], params, strict=True))
-        sess = ort.InferenceSession(str(bundle / "models" / name / "graph.onnx"),
+        sess = ort.InferenceSession(str(models_dir / name / "graph.onnx"),
                                     providers=["CPUExecutionProvider"])
         ref = [np.asarray(o) for o in sess.run(None, feeds)]
         model_out = {"builds": {}}
@@ -285,7 +294,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
             try:
                 runner = LocalRunner(device, repeat=args.repeat, number=args.number,
                                      warmup=args.warmup)
-                module = load_runnable(bundle / "models" / name / b["library"])
+                module = load_runnable(models_dir / name / b["library"])
                 outs = runner.outputs(module, inputs, params)
                 ok, err = numerics.compare(outs, ref)
                 timing = runner.run(module, inputs, params)
@@ -293,7 +302,10 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                     k: getattr(timing, k) for k in ("median_ms", "min_ms", "max_ms", "mean_ms",
                                                     "std_ms", "samples_ms", "device_name")})
             except Exception as exc:  # record and go on: one failing build must not lose the rest
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:400]}"
+                import traceback
+
+                tail = "".join(traceback.format_exception(exc)[-4:])
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]} | {tail[-800:]}"
             model_out["builds"][build] = row
             print(f"[{i}/{len(names)}] {name} {build}: "
                   + (f"{row['median_ms']:.3f} ms, max error {row['max_error']:.1e}"

@@ -68,8 +68,11 @@ def graph_passes(target: Target, smartmem: bool = True,
     from .analysis.classify import ClassifyOperators
     from .transform.split_to_slices import SplitToSlices
 
-    return _enabled([("ClassifyOperators", ClassifyOperators),
-                     ("SplitToSlices", SplitToSlices)], disable)
+    # batch_norm in inference is a per-channel affine map; decomposed, it has one output and
+    # fuses like any elementwise op (its running-mean / variance outputs are dead weight)
+    named = [("ClassifyOperators", ClassifyOperators), ("SplitToSlices", SplitToSlices)]
+    return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(), *_enabled(named, disable)]
 
 
 def legalize_passes(target: Target, smartmem: bool = True,
@@ -112,7 +115,9 @@ def tir_passes(target: Target, smartmem: bool = True,
 
         passes += _enabled([("InlineDataMovement", InlineDataMovement),
                             ("SimplifyIndices", SimplifyIndices)], disable)
-    return passes + ([default_gpu_schedules()] if _is_gpu(target) else [])
+    if not _is_gpu(target):
+        return passes
+    return [*passes, gpu_schedules() if smartmem else default_gpu_schedules()]
 
 
 def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
@@ -124,14 +129,25 @@ SMARTMEM_PASSES = ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransfo
                    "FusePlan", "InlineDataMovement", "SimplifyIndices")
 
 
+def _dlight_rules() -> list:
+    from tvm.s_tir import dlight as dl
+
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback()]
+
+
 def default_gpu_schedules() -> tvm.transform.Pass:
     """TVM's dlight rules, as in its CUDA and generic GPU pipelines."""
     from tvm.s_tir import dlight as dl
 
-    return dl.ApplyDefaultSchedule(
-        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-        dl.gpu.Fallback(),
-    )
+    return dl.ApplyDefaultSchedule(*_dlight_rules())
+
+
+def gpu_schedules() -> tvm.transform.Pass:
+    """The same rules, with a rule that fails on one of our fused kernels skipped for it."""
+    from .tir.schedule import ApplyScheduleRules
+
+    return ApplyScheduleRules(*_dlight_rules())
 
 
 def dataflow_lower_passes(target: Target, smartmem: bool = True,

@@ -42,6 +42,7 @@ def _llvm(**opts: Any) -> Target:
 
 
 def _cuda(arch: str = "sm_90", **opts: Any) -> Target:
+    opts.setdefault("max_shared_memory_per_block", 49152)
     return Target({"kind": "cuda", "arch": arch, **opts}, host=_llvm())
 
 

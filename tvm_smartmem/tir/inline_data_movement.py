@@ -21,9 +21,13 @@ from tvm import s_tir, tirx
 
 from ..analysis.stats import _is_const, _is_move_value
 
+FOLD_ANNOTATION = "smartmem.fold"
 
-def _is_move_block(block) -> bool:
+
+def _is_move_block(block, tagged_only: bool) -> bool:
     if block.init is not None:
+        return False
+    if tagged_only and FOLD_ANNOTATION not in block.annotations:
         return False
     stores: list = []
     tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
@@ -31,8 +35,10 @@ def _is_move_block(block) -> bool:
                                  or _is_const(stores[0].value)) is True
 
 
-def inline_data_movement(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, int]:
-    """(new function, number of blocks inlined)."""
+def inline_data_movement(func: tirx.PrimFunc, tagged_only: bool = False
+                         ) -> tuple[tirx.PrimFunc, int]:
+    """(new function, number of blocks inlined).  With ``tagged_only``, only blocks that
+    ``EliminateLayoutTransforms`` marked ``smartmem.fold`` are candidates."""
     try:
         sch = s_tir.Schedule(tvm.IRModule({"main": func}))
         root = sch.get_sblock("root")
@@ -43,7 +49,7 @@ def inline_data_movement(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, int]:
     while progress:
         progress = False
         for block_rv in sch.get_child_blocks(root):
-            if not _is_move_block(sch.get(block_rv)):
+            if not _is_move_block(sch.get(block_rv), tagged_only):
                 continue
             for primitive in (s_tir.Schedule.compute_inline,
                               s_tir.Schedule.reverse_compute_inline):
@@ -65,8 +71,9 @@ def inline_data_movement(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, int]:
 INLINED_ATTR = "smartmem.inlined_blocks"
 
 
-def InlineDataMovement() -> tvm.transform.Pass:
-    """Inline every data-movement block of every multi-block PrimFunc (see module doc)."""
+def InlineDataMovement(tagged_only: bool = True) -> tvm.transform.Pass:
+    """Inline the data-movement blocks layout elimination marked (``smartmem.fold``), or with
+    ``tagged_only=False`` every data-movement block (see module doc)."""
 
     @tvm.transform.module_pass(opt_level=0, name="InlineDataMovement")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -74,7 +81,7 @@ def InlineDataMovement() -> tvm.transform.Pass:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
-            new, count = inline_data_movement(func)
+            new, count = inline_data_movement(func, tagged_only)
             if count:
                 out[gv] = new.with_attr(INLINED_ATTR, count)
         return out

@@ -121,10 +121,12 @@ def duplicate_per_consumer(mod: tvm.IRModule, func_name: str = "main") -> tvm.IR
                     continue  # emitted on demand, per consumer or once for the others
                 node = ecg.nodes[i]
                 local = dict(mapping)
-                per_consumer: dict = {}
                 for arg in relax.analysis.free_vars(b.value):
                     if arg in fixed:
-                        local[arg] = materialise(arg, per_consumer, True) if _foldable(node) \
+                        # one chain per operand, not per consumer: two operands of a matmul
+                        # must not share a prefix, or after folding the matmul would read one
+                        # buffer twice (see partition's split of shared inputs)
+                        local[arg] = materialise(arg, {}, True) if _foldable(node) \
                             else materialise(arg, originals, False)
                 mapping[b.var] = _emit(bb, b.var, substitute(b.value, local))
             result = func.body.body
@@ -134,15 +136,7 @@ def duplicate_per_consumer(mod: tvm.IRModule, func_name: str = "main") -> tvm.IR
             result = substitute(result, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    built = bb.get()
-    functions = {}
-    for gvar, f in built.functions_items():
-        if gvar.name_hint == tmp:
-            functions[tvm.ir.GlobalVar(func_name)] = f.with_attr("global_symbol", func_name) \
-                if "global_symbol" in attrs else f.without_attr("global_symbol")
-        elif gvar.name_hint != func_name:
-            functions[gvar] = f
-    return tvm.IRModule(functions, attrs=mod.attrs)
+    return _replace(bb.get(), tmp, func_name, attrs, mod)
 
 
 def _emit(bb, old_var, value):
@@ -159,18 +153,147 @@ def plan(ecg: ECG, mod: tvm.IRModule) -> dict[str, str]:
             continue
         consumers = [ecg.nodes[s] for s in node.succs]
         producers = [ecg.nodes[p] for p in node.preds]
-        only_consumer = consumers[0] if len(consumers) == 1 and not node.is_output else None
-        if only_consumer is not None and _foldable(only_consumer):
-            # Fixed -> Var: eliminate 1st; Fixed -> Fixed: eliminate both (chain folds on)
+        into_consumers = consumers and not node.is_output and all(map(_foldable, consumers)) \
+            and (len(consumers) == 1 or all(is_fixed(c) for c in consumers))
+        if into_consumers:
+            # Fixed -> Var: eliminate 1st; Fixed -> Fixed: eliminate both (the chain folds on;
+            # a fixed operator read by several fixed operators of the same chain goes with them)
             decisions[node.var.name] = CONSUMER
         elif (len(producers) == 1 and _foldable(producers[0])
+              and producers[0].mapping != MappingType.MANY_TO_MANY
               and len(producers[0].succs) == 1 and not producers[0].is_output
-              and (is_fixed(producers[0]) or writes_through_complete_block(producers[0], mod))):
-            # Var -> Fixed: eliminate 2nd (the producer writes through the map)
+              and (is_fixed(producers[0]) or writes_through_complete_block(producers[0], mod))
+              and decisions.get(producers[0].var.name) != CONSUMER):
+            # Var -> Fixed: eliminate 2nd (the producer writes through the map) -- never into a
+            # many-to-many producer: a matmul / conv / softmax writing through a permutation is
+            # a kernel the schedule rules no longer recognise; and never into a fixed producer
+            # that itself folds into us (the chain would have no kernel left to absorb it)
             decisions[node.var.name] = PRODUCER
         else:
             decisions[node.var.name] = KEEP
     return decisions
+
+
+FOLD_ANNOTATION = "smartmem.fold"
+
+
+def _tag_for_folding(mod: tvm.IRModule, func_name: str, names: set[str],
+                     views: dict | None = None) -> tvm.IRModule:
+    """Point the folded bindings at copies of their PrimFuncs whose blocks carry
+    ``smartmem.fold``: after FuseTIR, ``InlineDataMovement`` inlines exactly those blocks (and
+    leaves a conv's own padding block, say, to the schedule rules).  Bindings in ``views``
+    (name -> source variable: pure reorganisations that stay, with the chain of reshapes
+    feeding them) become ``R.reshape`` views of the source."""
+    from tvm import s_tir
+
+    func = mod[func_name]
+    tagged: dict[str, tvm.ir.GlobalVar] = {}
+    bb = relax.BlockBuilder(mod.clone())
+
+    def tag(callee: tvm.ir.GlobalVar) -> tvm.ir.GlobalVar:
+        if callee.name_hint not in tagged:
+            sch = s_tir.Schedule(tvm.IRModule({"main": mod[callee]}))
+            for block in sch.get_child_blocks(sch.get_sblock("root")):
+                sch.annotate(block, FOLD_ANNOTATION, 1)
+            tagged[callee.name_hint] = bb.add_func(sch.mod["main"],
+                                                   f"{callee.name_hint}_fold")
+        return tagged[callee.name_hint]
+
+    block = Block.of(func)
+    mapping: dict = {}
+    views = views or {}
+    tmp = f"{func_name}__smartmem_tag"
+    attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
+    with bb.function(tmp, list(func.params), attrs=attrs):
+        with bb.dataflow():
+            for b in block.bindings:
+                value = substitute(b.value, mapping)
+                is_call_tir = isinstance(value, relax.Call) and \
+                    isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir"
+                if b.var.name in names and is_call_tir:
+                    value = relax.Call(value.op, [tag(value.args[0]), *value.args[1:]],
+                                       value.attrs, value.ty_args)
+                elif b.var.name in views and is_call_tir:
+                    # reshapes nothing can absorb: one zero-copy view of the chain's source
+                    # instead of copy kernels (the chain's other members become dead)
+                    source = views[b.var.name]
+                    value = relax.op.reshape(mapping.get(source, source), b.var.ty.shape)
+                mapping[b.var] = _emit(bb, b.var, value)
+            result = substitute(func.body.body, mapping)
+            gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
+        bb.emit_func_output(gv)
+    return _replace(bb.get(), tmp, func_name, attrs, mod)
+
+
+def _replace(built: tvm.IRModule, tmp: str, func_name: str, attrs: dict,
+             mod: tvm.IRModule) -> tvm.IRModule:
+    """``built`` with the function ``tmp`` renamed to ``func_name`` (replacing the old one)."""
+    functions = {}
+    for gvar, f in built.functions_items():
+        if gvar.name_hint == tmp:
+            functions[tvm.ir.GlobalVar(func_name)] = f.with_attr("global_symbol", func_name) \
+                if "global_symbol" in attrs else f.without_attr("global_symbol")
+        elif gvar.name_hint != func_name:
+            functions[gvar] = f
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
+def _reshape_views(ecg: ECG, decisions: dict[str, str]) -> dict[str, tuple]:
+    """Kept pure reorganisations (reshape family) and the reshapes glued into them:
+    name -> (source variable, names of the chain members it replaces)."""
+    views: dict[str, tuple] = {}
+    for n in ecg:
+        if decisions.get(n.var.name) != KEEP or n.mapping != MappingType.REORGANIZE or \
+                len(n.preds) != 1 or n.shape is None:
+            continue
+        chain, node = [], ecg.nodes[n.preds[0]]
+        while (is_fixed(node) and node.mapping == MappingType.REORGANIZE
+               and decisions.get(node.var.name) == CONSUMER and len(node.succs) == 1
+               and len(node.preds) == 1):
+            chain.append(node.var.name)
+            node = ecg.nodes[node.preds[0]]
+        source_node = ecg.nodes[(chain and ecg.by_name(chain[-1]).preds[0]) or n.preds[0]]
+        if decisions.get(source_node.var.name) == CONSUMER:
+            continue  # a transpose folding into this reshape: the kept kernel absorbs it
+        views[n.var.name] = (source_node.var, chain)
+    return views
+
+
+def unique_names(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
+    """Give every binding of ``func_name`` a distinct name.
+
+    Decisions travel as attributes keyed by binding name, so names must identify bindings;
+    Relax allows two variables to share a name (passes such as DecomposeOpsForInference create
+    such pairs), so duplicates get a numeric suffix here."""
+    func = mod[func_name]
+    block = Block.of(func)
+    names = [b.var.name for b in block.bindings]
+    if len(set(names)) == len(names):
+        return mod
+    taken = set(names) | {p.name for p in func.params}
+    seen: set[str] = set()
+    bb = relax.BlockBuilder(mod.clone())
+    tmp = f"{func_name}__smartmem_names"
+    attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
+    mapping: dict = {}
+    with bb.function(tmp, list(func.params), attrs=attrs):
+        with bb.dataflow():
+            for b in block.bindings:
+                name = b.var.name
+                if name in seen:
+                    k = 1
+                    while f"{name}_{k}" in taken:
+                        k += 1
+                    name = f"{name}_{k}"
+                    taken.add(name)
+                seen.add(name)
+                value = substitute(b.value, mapping)
+                mapping[b.var] = bb.emit(value, name_hint=name) if isinstance(
+                    b.var, relax.DataflowVar) else bb.emit_output(value, name_hint=name)
+            result = substitute(func.body.body, mapping)
+            gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
+        bb.emit_func_output(gv)
+    return _replace(bb.get(), tmp, func_name, attrs, mod)
 
 
 def EliminateLayoutTransforms(func_name: str = "main") -> tvm.transform.Pass:
@@ -184,11 +307,21 @@ def EliminateLayoutTransforms(func_name: str = "main") -> tvm.transform.Pass:
         if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
                                                         relax.DataflowBlock):
             return mod  # not a single dataflow block: nothing we understand
-        mod = duplicate_per_consumer(mod, func_name)
+        mod = duplicate_per_consumer(unique_names(mod, func_name), func_name)
         func = mod[func_name]
         decisions = plan(build_ecg(func, mod), mod)
-        out = mod.clone()
-        out[func_name] = func.with_attr(PLAN_ATTR, decisions)
+        ecg = build_ecg(func, mod)
+        views = _reshape_views(ecg, decisions)
+        for members in views.values():
+            for name in members[1]:  # reshapes glued into a view are not folded anywhere
+                decisions[name] = KEEP
+        folded = {name for name, d in decisions.items() if d in (CONSUMER, PRODUCER)}
+        sources = {name: src for name, (src, _) in views.items()}
+        out = _tag_for_folding(mod, func_name, folded, sources) if folded or views \
+            else mod.clone()
+        if views:
+            out = relax.transform.DeadCodeElimination()(out)
+        out[func_name] = out[func_name].with_attr(PLAN_ATTR, decisions)
         return out
 
     return _pass

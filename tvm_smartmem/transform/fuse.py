@@ -127,8 +127,9 @@ def build_units(ecg: ECG, decisions: dict[str, str]) -> tuple[list[Unit], list[i
             parent[find(node.index)] = find(node.preds[0])
     for node in ecg:
         choice = decisions.get(node.var.name)
-        if choice == CONSUMER and len(node.succs) == 1:
-            parent[find(node.index)] = find(node.succs[0])
+        if choice == CONSUMER:
+            for s in node.succs:
+                parent[find(node.index)] = find(s)
         elif choice == PRODUCER and len(node.preds) == 1:
             parent[find(node.index)] = find(node.preds[0])
     groups: dict[int, set[int]] = {}
@@ -199,8 +200,30 @@ class Planner:
                     inputs.add(v)
         return len(inputs)
 
+    def _layout_after_mtm(self, block: set[int]) -> bool:
+        """Does a fixed-layout operator read a many-to-many result inside the block?  Then the
+        kernel's epilogue would not be elementwise in the matmul / conv / softmax output, and
+        the schedule rules no longer recognise it (a layout map belongs in the *next* kernel's
+        reads)."""
+        members = self._members(block)
+        nodes = self.ecg.nodes
+        frontier = [s for i in members if nodes[i].mapping == M.MANY_TO_MANY
+                    for s in nodes[i].succs if s in members]
+        seen: set[int] = set()
+        while frontier:
+            i = frontier.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if nodes[i].quadrant.fixed and nodes[i].mapping != M.OPAQUE:
+                return True
+            frontier.extend(s for s in nodes[i].succs if s in members)
+        return False
+
     def legal(self, block: set[int]) -> bool:
         if len(block) > self.max_units or not self._convex(block):
+            return False
+        if self._layout_after_mtm(block):
             return False
         if sum(self.units[u].mtm for u in block) > 1:
             return False
@@ -319,10 +342,11 @@ def FusePlan(
         max_args = int(tgt.attrs.get("max_function_args", 128)) // 2 if tgt is not None and \
             "max_function_args" in tgt.attrs else 64
         planner = Planner(ecg, units, unit_of, CostLayer.of(profile_db), tgt, max_args=max_args)
-        groups = planner.run()
-        groups = [[ecg.nodes[i].var for i in sorted(g)] for g in groups if len(g) > 1]
+        blocks = [g for g in planner.run() if len(g) > 1]
+        groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]
+        has_mtm = [any(ecg.nodes[i].mapping == M.MANY_TO_MANY for i in g) for g in blocks]
         out = fuse_groups(mod, groups, func_name=func_name,
-                          attrs={PLANNER_ATTR: "dnnfusion"})
+                          attrs={PLANNER_ATTR: "dnnfusion"}, split_shared_inputs=has_mtm)
         out[func_name] = out[func_name].with_attr(
             DECISIONS_ATTR, [str(d) for d in planner.decisions]
         )

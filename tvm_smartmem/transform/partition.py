@@ -127,18 +127,22 @@ def fuse_groups(
     func_name: str = "main",
     name_prefix: str = "fused",
     attrs: dict | None = None,
+    split_shared_inputs: Sequence[bool] | None = None,
 ) -> tvm.IRModule:
     """Return ``mod`` with each group of bindings (given by their vars) of ``func_name``
     replaced by a call to a new ``Primitive`` function.  Groups of one binding are left as is.
 
     ``attrs`` are added to every new function (e.g. which planner made it and why).
+    ``split_shared_inputs[g]`` gives group ``g`` one parameter per member reading a shared
+    input (see ``_emit_group``).
     """
     func = mod[func_name]
     block = Block.of(func)
     node_of = list(range(len(block.bindings)))
     members: dict[int, list[int]] = {}
+    split: dict[int, bool] = {}
     next_node = len(block.bindings)
-    for group in groups:
+    for g, group in enumerate(groups):
         idx = sorted({block.index[v] for v in group})
         if len(idx) < 2:
             continue
@@ -148,6 +152,7 @@ def fuse_groups(
         for i in idx:
             node_of[i] = next_node
         members[next_node] = idx
+        split[next_node] = bool(split_shared_inputs[g]) if split_shared_inputs else False
         next_node += 1
     if not members:
         return mod
@@ -155,6 +160,7 @@ def fuse_groups(
     ids = {n: k for k, n in enumerate(sorted(set(node_of)))}
     node_of = [ids[n] for n in node_of]
     members = {ids[n]: m for n, m in members.items()}
+    split = {ids[n]: v for n, v in split.items()}
     order = _topo_order(block, node_of, len(ids))
 
     bb = relax.BlockBuilder(mod.clone())
@@ -168,7 +174,8 @@ def fuse_groups(
                     i = next(i for i, k in enumerate(node_of) if k == n)
                     _emit_binding(bb, block.bindings[i], block, mapping)
                 else:
-                    _emit_group(bb, block, members[n], mapping, name_prefix, attrs or {})
+                    _emit_group(bb, block, members[n], mapping, name_prefix, attrs or {},
+                                split[n])
             result = substitute(func.body.body, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
@@ -193,7 +200,7 @@ def _emit_binding(bb, binding, block: Block, mapping: dict) -> None:
 
 
 def _emit_group(bb, block: Block, idx: list[int], mapping: dict, prefix: str,
-                attrs: dict) -> None:
+                attrs: dict, split_shared: bool = False) -> None:
     group = set(idx)
     member_vars = {block.bindings[i].var for i in idx}
     inputs: list = []
@@ -201,6 +208,22 @@ def _emit_group(bb, block: Block, idx: list[int], mapping: dict, prefix: str,
         for v in relax.analysis.free_vars(block.bindings[i].value):
             if v not in member_vars and v not in inputs:
                 inputs.append(v)
+    # A tensor read by several members becomes one parameter per reader when asked: a matmul
+    # whose two operands are slices of one tensor (GPT-2's fused q/k/v) then reads two buffers,
+    # which is what the schedule rules expect of a matmul.  The buffers alias, read-only.
+    per_reader: dict = {}
+    if split_shared:
+        readers: dict = {}
+        for i in idx:
+            for v in relax.analysis.free_vars(block.bindings[i].value):
+                if v in inputs:
+                    readers.setdefault(v, []).append(i)
+        for v, rs in readers.items():
+            if len(rs) > 1:
+                for k, i in enumerate(rs[1:], 1):
+                    alias = relax.Var(f"{v.name}_alias{k}", v.ty)
+                    per_reader[(i, v)] = alias
+                    inputs.append(alias)
     # tensor constants become arguments: FuseTIR accepts no constants inside a group
     constants: list = []
     for i in idx:
@@ -217,20 +240,26 @@ def _emit_group(bb, block: Block, idx: list[int], mapping: dict, prefix: str,
     params = [relax.Var(v.name if isinstance(v, relax.Var) else f"const{k}", v.ty)
               for k, v in enumerate(inputs)]
     local = dict(zip(inputs, params, strict=True))
+    aliases = {alias: v for (_, v), alias in per_reader.items()}
     name = _group_name(block, idx, prefix)
     inner = relax.BlockBuilder()
     with inner.function(name, params, attrs={"Primitive": True, **attrs}, private=True):
         with inner.dataflow():
             for i in idx:
                 b = block.bindings[i]
-                local[b.var] = inner.emit(substitute(b.value, local), name_hint=b.var.name)
+                scope = dict(local)
+                for (reader, v), alias in per_reader.items():
+                    if reader == i:
+                        scope[v] = local[alias]
+                local[b.var] = inner.emit(substitute(b.value, scope), name_hint=b.var.name)
             results = [local[block.bindings[i].var] for i in outputs]
             ret = results[0] if len(results) == 1 else relax.Tuple(results)
             gv = inner.emit_output(ret)
         inner.emit_func_output(gv)
     fused = inner.get()[name]
     callee = bb.add_func(fused, name)
-    args = [mapping.get(v, v) if isinstance(v, relax.Var) else v for v in inputs]
+    args = [mapping.get(aliases.get(v, v), aliases.get(v, v)) if isinstance(v, relax.Var)
+            else v for v in inputs]
     call = relax.Call(callee, args)
     if len(outputs) == 1:
         _bind_output(bb, block.bindings[outputs[0]].var, call, mapping)

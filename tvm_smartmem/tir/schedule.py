@@ -1,0 +1,54 @@
+"""ApplyScheduleRules: TVM's dlight rule loop, tolerant of rules that trip over fused kernels.
+
+The smartmem pipeline hands the schedule rules kernels TVM's own fusion never makes -- a window
+partition folded into a layernorm's loads, a head split inside a matmul's reads.  Some dlight
+rules assume shapes of access they only ever met in TVM's kernels and fail with an assertion
+instead of declining.  Here a rule that raises is treated as one that does not apply, and the
+next rule gets the kernel (``gpu.Fallback`` last, which schedules anything).  Which rule took
+each kernel is recorded on it as ``smartmem.schedule_rule``, so reports can say.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+RULE_ATTR = "smartmem.schedule_rule"
+
+
+def _is_scheduled(func: tirx.PrimFunc) -> bool:
+    return bool(func.attrs) and "tirx.is_scheduled" in func.attrs and \
+        bool(func.attrs["tirx.is_scheduled"])
+
+
+def apply_rules(func: tirx.PrimFunc, target, rules) -> tuple[tirx.PrimFunc | None, str | None]:
+    """(scheduled function, rule name) from the first rule that applies without raising."""
+    for rule in rules:
+        try:
+            space = rule.apply(func, target, False)
+        except Exception:  # an assumption of the rule does not hold here: next rule
+            continue
+        if space is None:
+            continue
+        sch = space if isinstance(space, s_tir.Schedule) else space[0]
+        return sch.mod["main"], type(rule).__name__
+    return None, None
+
+
+def ApplyScheduleRules(*rules) -> tvm.transform.Pass:
+    """Schedule every unscheduled PrimFunc with the first rule that applies (see module doc)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyScheduleRules")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        out = mod.clone()
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            target = func.attrs.get("target") if func.attrs else None
+            target = target or tvm.target.Target.current(allow_none=False)
+            scheduled, rule = apply_rules(func, target, rules)
+            if scheduled is not None:
+                out[gv] = scheduled.with_attrs({"tirx.is_scheduled": True, RULE_ATTR: rule})
+        return out
+
+    return _pass
