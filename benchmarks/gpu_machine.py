@@ -297,7 +297,12 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                 module = load_runnable(models_dir / name / b["library"])
                 outs = runner.outputs(module, inputs, params)
                 ok, err = numerics.compare(outs, ref)
-                timing = runner.run(module, inputs, params)
+                profile = name in args.profile.split(",")
+                timing = runner.run(module, inputs, params, profile=profile)
+                if profile:  # per kernel, synchronised around each call: for ranking only
+                    row["profile_us"] = sorted(
+                        ({"kernel": k.name, "calls": k.calls, "total_us": k.total_us}
+                         for k in timing.profile), key=lambda r: -r["total_us"])
                 row.update(matches_onnxruntime=ok, max_error=err, **{
                     k: getattr(timing, k) for k in ("median_ms", "min_ms", "max_ms", "mean_ms",
                                                     "std_ms", "samples_ms", "device_name")})
@@ -375,7 +380,8 @@ def measure(args: argparse.Namespace) -> None:
     env = _setup_runtime(bundle, Path(args.site))
     cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
            "--out", args.out, "--repeat", str(args.repeat), "--number", str(args.number),
-           "--warmup", str(args.warmup)] + (["--peers"] if args.peers else [])
+           "--warmup", str(args.warmup), "--profile", args.profile] + (
+               ["--peers"] if args.peers else [])
     raise SystemExit(subprocess.run(cmd, env=env).returncode)
 
 
@@ -473,6 +479,7 @@ def main() -> None:
     m.add_argument("--number", type=int, default=50)
     m.add_argument("--warmup", type=int, default=10)
     m.add_argument("--peers", action="store_true", help="also PyTorch eager / torch.compile")
+    m.add_argument("--profile", default="", help="models to time kernel by kernel too")
     m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(func=measure)
     r = sub.add_parser("report", help="tables and plot from gpu_results.json (CPU machine)")

@@ -18,6 +18,7 @@ from tvm_smartmem.pipeline import UP_TO_KERNELS, baseline, smartmem_pipeline
 from tvm_smartmem.tir.index_simplify import count_div_mod
 from tvm_smartmem.transform.eliminate_layout import (
     CONSUMER,
+    KEEP,
     PRODUCER,
     EliminateLayoutTransforms,
     layout_plan,
@@ -284,3 +285,35 @@ def test_split_fields_become_slices_that_fold():
     data = np.random.rand(6, 8).astype("float32")
     ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
     assert_matches(run_vm(ex, [data]), [data[:, :4] @ data[:, 4:].T])
+
+
+@pytest.mark.parametrize("consumer", ["matmul", "exp"])
+def test_a_roll_folds_into_elementwise_reads_but_not_into_a_matmul(consumer):
+    """roll = concat(slice, slice) is a select between two sources per element.  An element-wise
+    consumer absorbs it; a matmul must not (swin on the H100: its QKV projection with the roll
+    folded fell off the dlight Matmul rule and ran 6x slower), so the concatenate stays a kernel
+    there and only the reshape after it folds into the matmul."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((6, 4, 8), "float32"))
+    w = relax.Var("w", relax.TensorType((32, 5), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            tail = bb.emit(relax.op.strided_slice(x, [0], [4], [6]))
+            head = bb.emit(relax.op.strided_slice(x, [0], [0], [4]))
+            rolled = bb.emit(relax.op.concat([tail, head], axis=0))
+            flat = bb.emit(relax.op.reshape(rolled, (6, 32)))
+            out = bb.emit_output(relax.op.matmul(flat, w) if consumer == "matmul"
+                                 else relax.op.exp(flat))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    plan = layout_plan(EliminateLayoutTransforms()(LEGALIZE(mod))["main"])
+    # bindings in order: lv, lv1 = the slices, lv2 = the concatenate, lv3 = the reshape
+    assert plan == {"lv": CONSUMER, "lv1": CONSUMER, "lv3": CONSUMER,
+                    "lv2": KEEP if consumer == "matmul" else CONSUMER}
+    rng = np.random.default_rng(3)
+    data, weight = rng.standard_normal((6, 4, 8)).astype("float32"), \
+        rng.standard_normal((32, 5)).astype("float32")
+    rolled_np = np.roll(data, -4, axis=0).reshape(6, 32)
+    expected = rolled_np @ weight if consumer == "matmul" else np.exp(rolled_np)
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [data, weight]), [expected])

@@ -25,6 +25,12 @@ kernels, and ``tir.InlineDataMovement`` then turns the fixed operator into index
 its neighbour's loads or stores ("index comprehension"); ``tir.SimplifyIndices`` cleans the
 ``//`` and ``%`` chains that leaves.  Opaque operators, graph inputs and graph outputs are never
 folded into.
+
+Where the table says "eliminate" but the result would defeat the schedule rules, the operator
+stays (``keep``): nothing folds into a many-to-many *producer* (a matmul writing through a
+permutation is no longer a matmul to dlight), and an operator gathering several sources
+(concatenate, e.g. swin's roll) does not fold forwards into a many-to-many consumer (every
+operand read becomes a select).  Kept reshape chains become zero-copy ``R.reshape`` views.
 """
 
 from __future__ import annotations
@@ -50,6 +56,37 @@ def _foldable(node: Node) -> bool:
     """Can a fixed operator be folded into this neighbour (a kernel we compile ourselves)?"""
     return not node.cls.opaque and isinstance(node.value, relax.Call) and \
         node.op not in ("Tuple", "TupleGetItem")
+
+
+def gathers_several_sources(node: Node) -> bool:
+    """A data-movement operator reading two or more tensors (concatenate, stack): folded into a
+    consumer it becomes a select between sources in every read, which is fine for an
+    element-wise kernel and fatal for a matmul (the schedule rules no longer see a matmul)."""
+    value = node.value
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op) or \
+            value.op.name != "relax.call_tir" or not isinstance(value.args[1], relax.Tuple):
+        return False
+    return len(set(value.args[1].fields)) >= 2
+
+
+def _reaches_many_to_many(ecg: ECG, node: Node) -> bool:
+    """Would ``node`` folded forwards end up in a many-to-many kernel?  The search goes through
+    the fixed operators after it and stops at the ones that gather several sources (those stay
+    kernels of their own, so the chain ends in them)."""
+    seen: set[int] = set()
+    stack = list(node.succs)
+    while stack:
+        s = stack.pop()
+        if s in seen:
+            continue
+        seen.add(s)
+        succ = ecg.nodes[s]
+        if is_fixed(succ):
+            if not gathers_several_sources(succ):
+                stack.extend(succ.succs)
+        elif succ.mapping == MappingType.MANY_TO_MANY:
+            return True
+    return False
 
 
 def writes_through_complete_block(node: Node, mod: tvm.IRModule) -> bool:
@@ -154,7 +191,8 @@ def plan(ecg: ECG, mod: tvm.IRModule) -> dict[str, str]:
         consumers = [ecg.nodes[s] for s in node.succs]
         producers = [ecg.nodes[p] for p in node.preds]
         into_consumers = consumers and not node.is_output and all(map(_foldable, consumers)) \
-            and (len(consumers) == 1 or all(is_fixed(c) for c in consumers))
+            and (len(consumers) == 1 or all(is_fixed(c) for c in consumers)) \
+            and not (gathers_several_sources(node) and _reaches_many_to_many(ecg, node))
         if into_consumers:
             # Fixed -> Var: eliminate 1st; Fixed -> Fixed: eliminate both (the chain folds on;
             # a fixed operator read by several fixed operators of the same chain goes with them)
