@@ -399,7 +399,9 @@ def report(args: argparse.Namespace) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=2))
     builds = sorted({b for m in data["models"].values() for b in m["builds"]})
     peers = data.get("peers", {})
-    header = ["model"] + [f"{b} (ms)" for b in builds] + ["kernels"]
+    pairs = _speedup_pairs(builds)
+    header = ["model"] + [f"{b} (ms)" for b in builds] + \
+        [f"speedup {dev}" for dev in pairs] + ["kernels"]
     if peers:
         header += ["PyTorch eager (ms)", "torch.compile (ms)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -412,6 +414,9 @@ def report(args: argparse.Namespace) -> None:
                 cells.append(f"{row['median_ms']:.3f}{mark}")
             else:
                 cells.append("error")
+        for base, ours in pairs.values():
+            ratio = _speedup(m, base, ours)
+            cells.append(f"{ratio:.2f}x" if ratio else "n/a")
         kernels = {b: m["builds"][b]["stats"]["kernels"] for b in m["builds"]}
         cells.append(", ".join(f"{k}={v}" for k, v in sorted(kernels.items())))
         if peers:
@@ -419,6 +424,14 @@ def report(args: argparse.Namespace) -> None:
             cells += [f"{p['eager_median_ms']:.3f}" if "eager_median_ms" in p else "n/a",
                       f"{p['compile_median_ms']:.3f}" if "compile_median_ms" in p else "n/a"]
         lines.append("| " + " | ".join(cells) + " |")
+    if pairs:
+        cells = ["**geomean**"] + [""] * len(builds)
+        for base, ours in pairs.values():
+            ratios = [r for m in data["models"].values() if (r := _speedup(m, base, ours))]
+            cells.append(f"**{_geomean(ratios):.2f}x**" if ratios else "n/a")
+        cells += [""] * (len(header) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += _profile_tables(data)
     machine = data["machine"]
     proto = data["protocol"]
     md = [f"# {args.title}", "",
@@ -436,6 +449,41 @@ def report(args: argparse.Namespace) -> None:
     print("\n".join(md))
 
 
+def _speedup_pairs(builds: list[str]) -> dict[str, tuple[str, str]]:
+    """device -> (baseline build, smartmem build) for every device that has both."""
+    return {b.split("-", 1)[1]: (b, "smartmem-" + b.split("-", 1)[1]) for b in builds
+            if b.startswith("baseline-") and "smartmem-" + b.split("-", 1)[1] in builds}
+
+
+def _speedup(model: dict, base: str, ours: str) -> float | None:
+    """Baseline latency over smartmem latency, only when both ran and both are correct."""
+    a, b = model["builds"].get(base, {}), model["builds"].get(ours, {})
+    if not (a.get("matches_onnxruntime") and b.get("matches_onnxruntime")):
+        return None
+    return a["median_ms"] / b["median_ms"]
+
+
+def _geomean(values: list[float]) -> float:
+    import math
+
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _profile_tables(data: dict, top: int = 8) -> list[str]:
+    """The slowest kernels of each profiled build (``measure --profile``)."""
+    lines: list[str] = []
+    for name, m in data["models"].items():
+        for build, row in m["builds"].items():
+            if "profile_us" not in row:
+                continue
+            total = sum(k["total_us"] for k in row["profile_us"])
+            lines += ["", f"Slowest kernels, {name} {build} (synchronised per call, "
+                      f"{total:.0f} us in all):", "", "| kernel | calls | us |", "|---|---|---|"]
+            lines += [f"| `{k['kernel'][:70]}` | {k['calls']} | {k['total_us']:.1f} |"
+                      for k in row["profile_us"][:top]]
+    return lines
+
+
 def _plot(data: dict, builds: list[str], peers: dict, path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -451,7 +499,10 @@ def _plot(data: dict, builds: list[str], peers: dict, path: Path, title: str) ->
     if peers:
         series["PyTorch eager"] = [peers.get(n, {}).get("eager_median_ms", 0) for n in names]
         series["torch.compile"] = [peers.get(n, {}).get("compile_median_ms", 0) for n in names]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
+    pairs = _speedup_pairs(builds)
+    rows = 2 if pairs else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(1.8 + 1.6 * len(names), 4 * rows), squeeze=False)
+    ax = axes[0][0]
     width = 0.8 / len(series)
     for k, (label, values) in enumerate(series.items()):
         ax.bar([i + k * width for i in range(len(names))], values, width, label=label)
@@ -459,6 +510,17 @@ def _plot(data: dict, builds: list[str], peers: dict, path: Path, title: str) ->
     ax.set_ylabel("latency (ms, median)")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    if pairs:
+        sx = axes[1][0]
+        w = 0.8 / len(pairs)
+        for k, (dev, (base, ours)) in enumerate(pairs.items()):
+            ratios = [_speedup(data["models"][n], base, ours) or 0 for n in names]
+            sx.bar([i + k * w for i in range(len(names))], ratios, w, label=f"{dev}")
+        sx.axhline(1.0, color="black", linewidth=0.8)
+        sx.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names)
+        sx.set_ylabel("speedup over TVM default (x)")
+        sx.set_title("smartmem vs TVM default pipeline, same device (0 = mismatch or error)")
+        sx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
