@@ -317,3 +317,26 @@ def test_a_roll_folds_into_elementwise_reads_but_not_into_a_matmul(consumer):
     expected = rolled_np @ weight if consumer == "matmul" else np.exp(rolled_np)
     ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
     assert_matches(run_vm(ex, [data, weight]), [expected])
+
+
+def test_a_gather_with_constant_indices_still_folds_into_a_matmul():
+    """take(x, [0]) reads one data tensor (the indices are a constant): it is a pure index map
+    and folds into the matmul after it, unlike a concatenate (DeiT's class-token select)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 6, 8), "float32"))
+    w = relax.Var("w", relax.TensorType((8, 3), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            first = bb.emit(relax.op.take(x, relax.const(np.array([0], "int64")), axis=1))
+            out = bb.emit_output(relax.op.matmul(first, w))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    plan = layout_plan(EliminateLayoutTransforms()(LEGALIZE(mod))["main"])
+    assert plan == {"lv": CONSUMER}
+    s = collect(smartmem_pipeline(LLVM)(mod))
+    assert (s.kernels, s.data_movement_kernels) == (1, 0)
+    rng = np.random.default_rng(4)
+    data, weight = rng.standard_normal((4, 6, 8)).astype("float32"), \
+        rng.standard_normal((8, 3)).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [data, weight]), [data[:, [0], :] @ weight])

@@ -8,7 +8,7 @@ one place what runs where.  ``tvm.compile(mod, target, relax_pipeline="smartmem"
 Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
-    graph               ClassifyOperators, SplitToSlices [-> MathPropertyRewrite]
+    graph               MathPropertyRewrite, ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
     layout              EliminateLayoutTransforms [-> SelectLayouts]   (decisions as attributes)
     fuse                FusePlan (DNNFusion planner; FuseOps for the baseline), then FuseTIR
@@ -66,11 +66,14 @@ def graph_passes(target: Target, smartmem: bool = True,
     if not smartmem:
         return []
     from .analysis.classify import ClassifyOperators
+    from .transform.math_rewrite import MathPropertyRewrite
     from .transform.split_to_slices import SplitToSlices
 
     # batch_norm in inference is a per-channel affine map; decomposed, it has one output and
     # fuses like any elementwise op (its running-mean / variance outputs are dead weight)
-    named = [("ClassifyOperators", ClassifyOperators), ("SplitToSlices", SplitToSlices)]
+    # rewriting first: classification and the layout plan see the graph that gets compiled
+    named = [("MathPropertyRewrite", MathPropertyRewrite), ("ClassifyOperators", ClassifyOperators),
+             ("SplitToSlices", SplitToSlices)]
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(), *_enabled(named, disable)]
 
@@ -125,7 +128,8 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 
 
 #: Every smartmem pass that ``disable`` can name.
-SMARTMEM_PASSES = ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransforms",
+SMARTMEM_PASSES = ("MathPropertyRewrite", "ClassifyOperators", "SplitToSlices",
+                   "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices")
 
 

@@ -66,7 +66,11 @@ def gathers_several_sources(node: Node) -> bool:
     if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op) or \
             value.op.name != "relax.call_tir" or not isinstance(value.args[1], relax.Tuple):
         return False
-    return len(set(value.args[1].fields)) >= 2
+    out_dtype = getattr(value.ty, "dtype", None)
+    sources = {a for a in value.args[1].fields  # data operands, not a gather's indices
+               if not isinstance(a, tvm.ir.GenericConst)
+               and getattr(a.ty, "dtype", None) == out_dtype}
+    return len(sources) >= 2
 
 
 def _reaches_many_to_many(ecg: ECG, node: Node) -> bool:
