@@ -83,3 +83,27 @@ def test_pipeline_without_target_says_so():
         pipeline.smartmem_pipeline()(mod)
     with LLVM:  # the way tvm.compile calls it
         assert collect(pipeline.smartmem_pipeline()(mod)).kernels == 11
+
+
+def test_report_shows_fusion_rate_rewrites_and_opaque_operators():
+    """``tvm-smartmem report``'s DNNFusion columns: the BERT layer's attention scale is moved
+    (FLOPs removed), more operators per kernel than TVM's, no opaque operator; a graph with an
+    operator the classifier does not know lists it."""
+    from tvm_smartmem.report import compare_pipelines, pipeline_facts
+
+    reports = compare_pipelines(models.bert_layer(), "llvm", check=False)
+    base, ours = reports["baseline"].to_dict(), reports["smartmem"].to_dict()
+    assert base["flops_removed"] == 0 and base["rewrites"] == {}
+    assert ours["flops_removed"] > 0 and ours["rewrites"]["scalar_through_matmul"] == 2
+    assert ours["fusion_rate"] > base["fusion_rate"] > 1
+    assert ours["opaque_ops"] == []
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8,), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            u = bb.emit(relax.op.unique(relax.op.exp(x), sorted=True))
+            out = bb.emit_output(u)
+        bb.emit_func_output(out)
+    lowered = pipeline.smartmem_pipeline(LLVM, phases=pipeline.UP_TO_KERNELS)(bb.get())
+    assert pipeline_facts(lowered)["opaque_ops"] == ["relax.unique"]

@@ -34,9 +34,24 @@ class PipelineReport:
     max_error: float | None = None  # vs ONNX Runtime; None when not checked
     matches_reference: bool | None = None
     executable: Any = dataclasses.field(default=None, repr=False)
+    graph_ops: int | None = None  # Relax operators of the imported graph
+    rewrites: dict[str, int] = dataclasses.field(default_factory=dict)
+    flops_removed: int = 0  # weighted FLOPs MathPropertyRewrite removed (per inference)
+    opaque_ops: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def fusion_rate(self) -> float | None:
+        """DNNFusion's fusion rate: operators of the graph per kernel launched."""
+        if not self.graph_ops or not self.stats.kernels:
+            return None
+        return self.graph_ops / self.stats.kernels
 
     def to_dict(self) -> dict:
         out = dict(self.stats.summary())
+        out["fusion_rate"] = None if self.fusion_rate is None else round(self.fusion_rate, 3)
+        out["flops_removed"] = self.flops_removed
+        out["rewrites"] = dict(self.rewrites)
+        out["opaque_ops"] = list(self.opaque_ops)
         out["compile_seconds"] = round(self.compile_seconds, 3)
         out["max_error_vs_onnxruntime"] = self.max_error
         out["matches_onnxruntime"] = self.matches_reference
@@ -56,10 +71,32 @@ def resolve_model(spec: str | Path | onnx.ModelProto) -> tuple[str, onnx.ModelPr
     return Path(text).stem, frontend.load_onnx(text)
 
 
+def pipeline_facts(lowered: tvm.IRModule) -> dict:
+    """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops."""
+    from .transform.math_rewrite import rewrites_of
+
+    names = [gv.name_hint for gv in lowered.get_global_vars()]
+    if "main" not in names:
+        return {}
+    main = lowered["main"]
+    counts, flops = rewrites_of(main)
+    opaque = [str(o) for o in main.attrs["smartmem.opaque_ops"]] \
+        if main.attrs and "smartmem.opaque_ops" in main.attrs else []
+    return {"rewrites": counts, "flops_removed": flops, "opaque_ops": opaque}
+
+
 def compile_with(
     mod: tvm.IRModule, target: tvm.target.Target, pipeline: str
 ) -> tuple[Any, ModuleStats, float]:
     """Run one pipeline, read statistics on what it produced, build the executable."""
+    ex, stats, secs, _ = compile_with_facts(mod, target, pipeline)
+    return ex, stats, secs
+
+
+def compile_with_facts(
+    mod: tvm.IRModule, target: tvm.target.Target, pipeline: str
+) -> tuple[Any, ModuleStats, float, dict]:
+    """:func:`compile_with`, plus :func:`pipeline_facts` of the lowered module."""
     make = smartmem_pipeline if pipeline == "smartmem" else baseline
     t0 = time.perf_counter()
     try:
@@ -74,7 +111,7 @@ def compile_with(
             f"{pipeline} pipeline failed for {target.kind.name}: "
             f"{frontend.summarize_tvm_error(err)}"
         ) from None
-    return ex, stats, time.perf_counter() - t0
+    return ex, stats, time.perf_counter() - t0, pipeline_facts(lowered)
 
 
 def compare_pipelines(
@@ -101,9 +138,10 @@ def compare_pipelines(
         dims = {d: int(v) for d, v in _symbolic_defaults(shape_dict).items()}
         inputs = models.random_inputs(proto, seed=seed, dims=dims)
         ref = numerics.onnxruntime_reference(proto, inputs)
+    graph_ops = sum(collect(mod).op_histogram.values())
     for name in pipelines:
-        ex, stats, secs = compile_with(mod, tgt, name)
-        rep = PipelineReport(name, stats, secs, executable=ex)
+        ex, stats, secs, facts = compile_with_facts(mod, tgt, name)
+        rep = PipelineReport(name, stats, secs, executable=ex, graph_ops=graph_ops, **facts)
         if check:
             outs = runner.outputs(ex, list(inputs.values()), params)
             rep.matches_reference, rep.max_error = numerics.compare(outs, ref)
@@ -127,6 +165,9 @@ _ROWS = [
     ("data_movement_kernels", "data-movement kernels"),
     ("data_movement_bytes", "bytes moved by them"),
     ("zero_copy_views", "zero-copy views"),
+    ("fusion_rate", "fusion rate (ops per kernel)"),
+    ("flops_removed", "FLOPs removed by rewriting"),
+    ("opaque_ops", "opaque operators"),
     ("compile_seconds", "compile time (s)"),
     ("max_error_vs_onnxruntime", "max error vs ONNX Runtime"),
 ]
@@ -146,11 +187,17 @@ def format_table(model: str, target: str, reports: Mapping[str, PipelineReport])
             v = data[c][key]
             if v is None:
                 cells.append("n/a".rjust(14))
+            elif isinstance(v, list):
+                cells.append((",".join(v) if v else "none").rjust(14))
             elif isinstance(v, float):
                 cells.append((f"{v:.2e}" if key.startswith("max_error") else f"{v:.2f}").rjust(14))
             else:
                 cells.append(str(v).rjust(14))
         lines.append(label.ljust(width) + "".join(cells))
+    for c in cols:
+        if data[c]["rewrites"]:
+            lines.append(f"{c} rewrites: " + ", ".join(
+                f"{rule} x{n}" for rule, n in sorted(data[c]["rewrites"].items())))
     checked = [r for r in reports.values() if r.matches_reference is not None]
     if checked:
         ok = all(r.matches_reference for r in checked)
