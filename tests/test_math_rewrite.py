@@ -259,3 +259,17 @@ def test_random_graphs_keep_their_values(steps):
     assert_matches(_run(new, arrays), before)
     # a fixed point: nothing left to rewrite
     assert candidates(new["main"]) == []
+
+
+def test_a_graph_rewritten_to_nothing_is_a_fixed_point():
+    """``reshape(reshape(x))`` back to x's shape leaves no binding at all; the rewritten
+    function must still compile, match, and report no further candidates (hypothesis found
+    this one: the empty body used to raise)."""
+    params = {"x": SHAPE}
+    mod = _build(params, lambda v, e: e(relax.op.reshape(e(relax.op.reshape(v["x"], (8, 8))),
+                                                           SHAPE)))
+    new = MathPropertyRewrite()(mod)
+    assert rewrites_of(new["main"])[0] == {"reshape_chain": 1}
+    assert candidates(new["main"]) == []
+    arrays = _arrays(params)
+    assert_matches(_run(new, arrays), _run(mod, arrays))

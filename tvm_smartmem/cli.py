@@ -215,6 +215,31 @@ def _device_available(kind: str) -> bool:
 # -- zoo -------------------------------------------------------------------------------------
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from . import frontend, targets
+    from .cost.db import ProfileDB, default_path
+    from .cost.tune import tune
+    from .report import resolve_model
+
+    tgt = targets.get(args.target)
+    name, proto = resolve_model(args.model)
+    mod, _ = frontend.from_onnx(proto, shape_dict=_parse_shapes(args.shape))
+    device = args.device or targets.device_of(tgt)
+    args.meta_device = targets.device_of(tgt)
+    runner = _runner_for(device, args)
+    db_path = Path(args.db) if args.db else default_path()
+    db = ProfileDB(db_path)
+    results = tune(mod, tgt, runner, db, rounds=args.rounds, limit=args.limit, seed=args.seed)
+    measured = [r for r in results if r.error is None]
+    wins = sum(bool(r.fuse_wins) for r in measured)
+    print(f"{name}: {len(measured)} candidate(s) measured on {device} ({wins} faster fused, "
+          f"{len(measured) - wins} faster split), {len(results) - len(measured)} skipped; "
+          f"{len(db)} entries in {db_path}")
+    if db_path != default_path():
+        print(f"compile with TVM_SMARTMEM_PROFILE_DB={db_path} to use them")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -312,6 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip running both builds against ONNX Runtime")
     rep.add_argument("--seed", type=int, default=0)
     rep.set_defaults(func=cmd_report)
+
+    tu = sub.add_parser("tune", help="measure the fusion planner's uncertain (yellow) "
+                        "decisions into the profile database")
+    tu.add_argument("model", help="ONNX file or builtin:NAME")
+    tu.add_argument("--target", default="llvm", help=target_help)
+    tu.add_argument("--device", help="cpu, cuda, opencl or rpc://host:port/key[/device] "
+                    "(default: the target's device)")
+    tu.add_argument("--db", help="profile database (default: <cache>/profile.sqlite, which "
+                    "the smartmem pipeline then uses)")
+    tu.add_argument("--shape", action="append", help="input shape override NAME:D1,D2,...")
+    tu.add_argument("--rounds", type=int, default=2, help="plan / measure rounds (default 2)")
+    tu.add_argument("--limit", type=int, help="measure at most this many candidates")
+    tu.add_argument("--repeat", type=int, default=5, help="timed repeats (default 5)")
+    tu.add_argument("--number", type=int, default=10, help="calls per repeat (default 10)")
+    tu.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.set_defaults(func=cmd_tune)
 
     z = sub.add_parser("zoo", help="export the model zoo to ONNX (needs the [zoo] extra)")
     z.add_argument("--models", help="comma-separated names (default: the 21 default models)")

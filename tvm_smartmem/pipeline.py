@@ -101,9 +101,11 @@ def fuse_passes(target: Target, smartmem: bool = True,
                 disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
     """Fusion: DNNFusion's planner for smartmem, TVM's FuseOps for the baseline."""
     if smartmem and "FusePlan" not in disable:
+        from .cost.db import pipeline_db
         from .transform.fuse import FusePlan
 
-        return [FusePlan(target), relax.transform.FuseTIR()]
+        # yellow decisions: measurements of `tvm-smartmem tune` when there are any
+        return [FusePlan(target, profile_db=pipeline_db()), relax.transform.FuseTIR()]
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 

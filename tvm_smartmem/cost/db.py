@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -24,6 +25,29 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (id, target)
 )
 """
+
+
+#: ``TVM_SMARTMEM_PROFILE_DB`` names the database the pipeline consults (``none`` switches it
+#: off); by default it is ``<cache>/profile.sqlite`` once ``tvm-smartmem tune`` has written it.
+ENV = "TVM_SMARTMEM_PROFILE_DB"
+
+
+def default_path() -> Path:
+    """Where ``tvm-smartmem tune`` writes and the pipeline reads, unless told otherwise."""
+    env = os.environ.get(ENV, "")
+    if env and env.lower() not in ("none", "off", "0"):
+        return Path(env)
+    from ..runtime.opencl import cache_dir
+
+    return cache_dir() / "profile.sqlite"
+
+
+def pipeline_db() -> Path | None:
+    """The database the smartmem pipeline consults: the default one if it exists."""
+    if os.environ.get(ENV, "").lower() in ("none", "off", "0"):
+        return None
+    path = default_path()
+    return path if path.exists() else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -317,6 +317,16 @@ class Planner:
         return [self._members(b) for b in blocks]
 
 
+def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target) -> Planner:
+    """The planner for a legalised, layout-planned function (``FusePlan`` and ``tune`` share
+    it, so tuning profiles exactly the candidates the pass will ask about)."""
+    ecg = build_ecg(func, mod)
+    units, unit_of = build_units(ecg, layout_plan(func))
+    max_args = int(target.attrs.get("max_function_args", 128)) // 2 if target is not None and \
+        "max_function_args" in target.attrs else 64
+    return Planner(ecg, units, unit_of, cost, target, max_args=max_args)
+
+
 def FusePlan(
     target: tvm.target.Target | None = None, profile_db=None, func_name: str = "main",
 ) -> tvm.transform.Pass:
@@ -337,11 +347,8 @@ def FusePlan(
                                                         relax.DataflowBlock):
             return relax.transform.FuseOps()(mod)  # control flow: leave it to TVM
         tgt = target or tvm.target.Target.current(allow_none=True)
-        ecg = build_ecg(func, mod)
-        units, unit_of = build_units(ecg, layout_plan(func))
-        max_args = int(tgt.attrs.get("max_function_args", 128)) // 2 if tgt is not None and \
-            "max_function_args" in tgt.attrs else 64
-        planner = Planner(ecg, units, unit_of, CostLayer.of(profile_db), tgt, max_args=max_args)
+        planner = make_planner(func, mod, CostLayer.of(profile_db), tgt)
+        ecg = planner.ecg
         blocks = [g for g in planner.run() if len(g) > 1]
         groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]
         has_mtm = [any(ecg.nodes[i].mapping == M.MANY_TO_MANY for i in g) for g in blocks]

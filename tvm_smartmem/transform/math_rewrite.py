@@ -42,7 +42,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..analysis.classify import OPAQUE, classify_call
-from .partition import Block, substitute
+from .partition import Block, is_single_block, substitute
 
 REWRITES_ATTR = "smartmem.rewrites"
 FLOPS_ATTR = "smartmem.flops_removed"
@@ -390,6 +390,8 @@ def _context(func: relax.Function, block: Block) -> Context:
 
 def candidates(func: relax.Function, rules: tuple[Rule, ...] = RULES) -> list[tuple]:
     """(binding var, rewrite) for every rule that fires, best saving first."""
+    if not is_single_block(func):
+        return []  # e.g. every binding rewritten away: nothing left to rewrite
     block = Block.of(func)
     ctx = _context(func, block)
     found = []
@@ -447,8 +449,7 @@ def _apply(mod: tvm.IRModule, func_name: str, chosen: dict) -> tvm.IRModule:
 def rewrite_function(mod: tvm.IRModule, func_name: str = "main", max_rounds: int = 32,
                      rules: tuple[Rule, ...] = RULES) -> tvm.IRModule:
     """Greedy fixed point: each round applies the non-overlapping rewrites best saving first."""
-    func = mod[func_name]
-    if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0], relax.DataflowBlock):
+    if not is_single_block(mod[func_name]):
         return mod  # not a single dataflow block: nothing we understand
     counts: dict[str, int] = {}
     saved = 0.0

@@ -44,6 +44,14 @@ def substitute(expr: relax.Expr, mapping: dict) -> relax.Expr:
     return _Substitute(mapping).visit_expr(expr) if mapping else expr
 
 
+def is_single_block(func: relax.Function) -> bool:
+    """Whether ``func``'s body is one dataflow block: the only shape the graph passes analyse.
+    Anything else (no block at all after a rewrite removed every binding, control flow) is
+    left as it is rather than guessed at."""
+    blocks = func.body.blocks
+    return len(blocks) == 1 and isinstance(blocks[0], relax.DataflowBlock)
+
+
 @dataclasses.dataclass
 class Block:
     """The bindings of a function's single dataflow block, with use-def information."""
@@ -57,10 +65,9 @@ class Block:
 
     @classmethod
     def of(cls, func: relax.Function) -> Block:
-        blocks = func.body.blocks
-        if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
+        if not is_single_block(func):
             raise ValueError("expected a function body made of one dataflow block")
-        bindings = list(blocks[0].bindings)
+        bindings = list(func.body.blocks[0].bindings)
         index = {b.var: i for i, b in enumerate(bindings)}
         deps = [
             {index[v] for v in relax.analysis.free_vars(b.value) if v in index}
