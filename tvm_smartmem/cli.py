@@ -254,6 +254,28 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    cfg = bench.BenchConfig(
+        models=_split(args.models), targets=_split(args.targets) or ["llvm"],
+        pipelines=_split(args.pipelines) or list(bench.DEFAULT_PIPELINES),
+        ablation=args.ablation, repeat=args.repeat, number=args.number, warmup=args.warmup,
+        check=not args.no_check, peers=not args.no_peers, seed=args.seed, zoo_cache=args.zoo)
+    if not cfg.models:
+        raise SmartMemError("--models is empty: name zoo models, builtin:NAME or .onnx files")
+    doc = bench.run_suite(cfg, log=lambda line: print(line, flush=True))
+    paths = bench.write_results(doc, args.out, args.name, bench.command_line())
+    print("\n" + paths[1].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    failed = [r for r in doc["results"] if "error" in r or r.get("matches_onnxruntime") is False]
+    return 1 if failed else 0
+
+
 # -- listings --------------------------------------------------------------------------------
 
 
@@ -361,6 +383,29 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--force", action="store_true", help="export again even if cached")
     z.add_argument("--list", action="store_true", help="list the models and exit")
     z.set_defaults(func=cmd_zoo)
+
+    b = sub.add_parser("bench", help="benchmark suite: models x targets x pipelines, with "
+                       "statistics, latency, ONNX Runtime agreement, tables and plots")
+    b.add_argument("--models", required=True,
+                   help="comma-separated zoo names (exported with `zoo`), builtin:NAME or "
+                   ".onnx files")
+    b.add_argument("--targets", default="llvm", help="comma-separated " + target_help)
+    b.add_argument("--pipelines", default="baseline,smartmem",
+                   help="comma-separated: baseline, smartmem, smartmem:STAGE[+STAGE] "
+                   "(stages: fusion, layout, tir, rewrite)")
+    b.add_argument("--ablation", action="store_true",
+                   help="add the cumulative ablation: smartmem with fusion, +layout, +tir "
+                   "(the full pipeline adds the rewrites)")
+    b.add_argument("--repeat", type=int, default=5, help="timed repeats (default 5)")
+    b.add_argument("--number", type=int, default=3, help="calls per repeat (default 3)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
+    b.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime comparison")
+    b.add_argument("--no-peers", action="store_true", help="do not time ONNX Runtime")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--zoo", help="zoo cache directory (default: ~/.cache/tvm_smartmem/zoo)")
+    b.add_argument("--out", default="benchmarks/results", help="results directory")
+    b.add_argument("--name", default="bench", help="results file stem (default: bench)")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("targets", help="list the named targets")
     t.set_defaults(func=cmd_targets)

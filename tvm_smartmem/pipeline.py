@@ -135,6 +135,31 @@ SMARTMEM_PASSES = ("MathPropertyRewrite", "ClassifyOperators", "SplitToSlices",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices")
 
 
+#: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
+#: are attributes that only the fusion planner acts on, and both read the operator classes
+#: that ClassifyOperators attaches.
+STAGES: dict[str, tuple[str, ...]] = {
+    "fusion": ("ClassifyOperators", "FusePlan"),
+    "layout": ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransforms", "FusePlan"),
+    "tir": ("InlineDataMovement", "SimplifyIndices"),
+    "rewrite": ("MathPropertyRewrite",),
+}
+
+#: The cumulative ablation: each step adds one stage; the last one is the whole pipeline.
+ABLATION = ("fusion", "fusion+layout", "fusion+layout+tir")
+
+
+def only_stages(spec: str) -> tuple[str, ...]:
+    """The ``disable`` list that leaves on only the passes of the ``+``-joined stages."""
+    wanted = [s for s in spec.split("+") if s]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown or not wanted:
+        raise ValueError(f"unknown stage(s) '{spec}'; stages: {', '.join(STAGES)} "
+                         "(join several with +)")
+    keep = {p for s in wanted for p in STAGES[s]}
+    return tuple(p for p in SMARTMEM_PASSES if p not in keep)
+
+
 def _dlight_rules() -> list:
     from tvm.s_tir import dlight as dl
 

@@ -85,6 +85,24 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
     return {"rewrites": counts, "flops_removed": flops, "opaque_ops": opaque}
 
 
+def pipeline_pass(pipeline: str, target: tvm.target.Target) -> tvm.transform.Pass:
+    """The pass a pipeline name stands for (see :func:`compile_with_facts`)."""
+    from .pipeline import only_stages
+
+    if pipeline == "baseline":
+        return baseline(target)
+    if pipeline == "smartmem":
+        return smartmem_pipeline(target)
+    if pipeline.startswith("smartmem:"):
+        try:
+            disable = only_stages(pipeline.split(":", 1)[1])
+        except ValueError as err:
+            raise SmartMemError(f"pipeline '{pipeline}': {err}") from None
+        return smartmem_pipeline(target, disable=disable)
+    raise SmartMemError(f"unknown pipeline '{pipeline}'; pipelines: baseline, smartmem, "
+                        "smartmem:STAGE[+STAGE...]")
+
+
 def compile_with(
     mod: tvm.IRModule, target: tvm.target.Target, pipeline: str
 ) -> tuple[Any, ModuleStats, float]:
@@ -96,12 +114,15 @@ def compile_with(
 def compile_with_facts(
     mod: tvm.IRModule, target: tvm.target.Target, pipeline: str
 ) -> tuple[Any, ModuleStats, float, dict]:
-    """:func:`compile_with`, plus :func:`pipeline_facts` of the lowered module."""
-    make = smartmem_pipeline if pipeline == "smartmem" else baseline
+    """:func:`compile_with`, plus :func:`pipeline_facts` of the lowered module.
+
+    ``pipeline`` is ``baseline``, ``smartmem`` or ``smartmem:STAGE[+STAGE...]`` (only those
+    stages of :data:`~tvm_smartmem.pipeline.STAGES` on, for ablations)."""
+    make = pipeline_pass(pipeline, target)
     t0 = time.perf_counter()
     try:
         with target:
-            lowered = make(target)(mod)
+            lowered = make(mod)
         stats = collect(lowered)
         ex = tvm.compile(lowered, target, relax_pipeline=None)
     except SmartMemError:

@@ -330,6 +330,12 @@ MODELS: dict[str, ZooModel] = {
 }
 
 
+#: Short names people use for zoo models (the papers' tables say Swin-T, DeiT-S...).
+ALIASES = {"swin_t": "swin_tiny", "deit_s": "deit_small", "vit_b": "vit_base",
+           "bert": "bert_base", "convnext_t": "convnext_tiny", "mobilevit": "mobilevit_s",
+           "levit": "levit_128s", "effnet_b0": "efficientnet_b0", "llama": "llama_small"}
+
+
 def names(include_optional: bool = False) -> list[str]:
     return [n for n, m in MODELS.items() if m.default or include_optional]
 
@@ -339,7 +345,7 @@ def resolve(selection: str | list[str] | None) -> list[str]:
     if selection is None or selection == "all":
         return names()
     wanted = selection.split(",") if isinstance(selection, str) else list(selection)
-    wanted = [w.strip() for w in wanted if w.strip()]
+    wanted = [ALIASES.get(w.strip(), w.strip()) for w in wanted if w.strip()]
     unknown = [w for w in wanted if w not in MODELS]
     if unknown:
         raise SmartMemError(
