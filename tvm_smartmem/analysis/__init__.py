@@ -1,4 +1,5 @@
-"""Analyses of Relax / TIR modules: statistics now; classification and the ECG later."""
+"""Analyses of Relax / TIR modules: statistics (`stats`), DNNFusion's operator classes and
+SmartMem's quadrants (`classify`), and the extended computational graph (`ecg`)."""
 
 from . import stats
 from .stats import ModuleStats, collect
