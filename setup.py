@@ -29,6 +29,8 @@ setup(
         "xgboost>=2.0",
         # the reference every numerical check compares with (`tvm-smartmem report`)
         "onnxruntime>=1.18",
+        # the plots of `tvm-smartmem bench` and the benchmark scripts
+        "matplotlib>=3.7",
         # tvm.rpc and meta_schedule need these but the wheel does not pull them in
         "cloudpickle",
         "psutil",
