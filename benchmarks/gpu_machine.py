@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +279,12 @@ def _measure_stage2(args: argparse.Namespace) -> None:
     print(f"cuda: {results['machine']['cuda_device']}; opencl: {info.get('platform')} "
           f"{[d['name'] for d in info.get('devices', [])]} {info.get('error', '')}", flush=True)
     names = list(manifest["models"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every model: a run cut off by the time limit keeps what it has
+        (out / "gpu_results.json").write_text(json.dumps(results, indent=2))
+
     for i, name in enumerate(names, 1):
         entry = manifest["models"][name]
         params = _regenerate(entry["weights"], manifest["seed"])
@@ -316,23 +323,25 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                   + (f"{row['median_ms']:.3f} ms, max error {row['max_error']:.1e}"
                      if "median_ms" in row else row.get("error", "")), flush=True)
         results["models"][name] = model_out
+        save()
     if args.peers:
-        results["peers"] = _torch_peers(names, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_results.json").write_text(json.dumps(results, indent=2))
+        results["peers"] = {}
+        _torch_peers(names, args, results["peers"], save)
+    save()
     print(f"wrote {out / 'gpu_results.json'}")
 
 
-def _torch_peers(names: list[str], args: argparse.Namespace) -> dict:
-    """PyTorch eager and torch.compile(mode="reduce-overhead") on the same architectures."""
+def _torch_peers(names: list[str], args: argparse.Namespace, out: dict,
+                 save: Callable[[], None]) -> dict:
+    """PyTorch eager and torch.compile(mode="reduce-overhead") on the same architectures,
+    filled into ``out`` model by model (``save`` after each)."""
     import torch
 
     from tvm_smartmem import zoo
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    out = {"torch": torch.__version__}
+    out["torch"] = torch.__version__
 
     def time_cuda(fn, inputs) -> list[float]:
         for _ in range(10):
@@ -368,6 +377,7 @@ def _torch_peers(names: list[str], args: argparse.Namespace) -> dict:
         except Exception as exc:  # a peer failing is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         out[name] = row
+        save()
         print(f"torch {name}: {row}", flush=True)
     return out
 

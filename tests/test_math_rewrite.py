@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tvm import relax
 
 from tvm_smartmem import frontend, models, numerics
-from tvm_smartmem.pipeline import smartmem_pipeline
+from tvm_smartmem.analysis.stats import collect
+from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.transform.math_rewrite import MathPropertyRewrite, candidates, rewrites_of
 
 F32 = "float32"
@@ -68,9 +69,30 @@ CASES = {
         lambda v, e: e(relax.op.reshape(e(relax.op.reshape(v["x"], (6, 4))), (3, 8))),
         lambda x: x.reshape(3, 8), ["reshape"], False),
     "scalar_through_matmul": (  # the attention scale moves from S x S scores to S x d queries
-        {"q": (2, 16, 4), "k": (2, 4, 16)},
-        lambda v, e: e(relax.op.divide(e(relax.op.matmul(v["q"], v["k"])), _c(2.0))),
-        lambda q, k: (q @ k) / 2.0, ["multiply", "matmul"], False),
+        {"q": (2, 16, 4), "bq": (4,), "k": (2, 4, 16)},  # (computed queries: it joins the add)
+        lambda v, e: e(relax.op.divide(e(relax.op.matmul(e(relax.op.add(v["q"], v["bq"])),
+                                                         v["k"])), _c(2.0))),
+        lambda q, bq, k: ((q + bq) @ k) / 2.0, ["add", "multiply", "matmul"], False),
+    "scale_of_moved_data_after_matmul": (  # q * s on a transposed input would be a kernel of
+        {"x": (2, 4, 16), "k": (2, 4, 16)},  # its own; on the scores it joins the epilogue
+        lambda v, e: e(relax.op.matmul(
+            e(relax.op.multiply(e(relax.op.permute_dims(v["x"], [0, 2, 1])), _c(0.5))),
+            v["k"])),
+        lambda x, k: (x.transpose(0, 2, 1) * 0.5) @ k, ["permute_dims", "matmul", "multiply"],
+        False),
+    "scale_to_producer": (  # heads of a projection scaled: the scale joins the projection
+        {"x": (2, 8, 6), "b": (6,)},
+        lambda v, e: e(relax.op.multiply(
+            e(relax.op.permute_dims(e(relax.op.reshape(e(relax.op.add(v["x"], v["b"])),
+                                                       (2, 8, 2, 3))), [0, 2, 1, 3])),
+            _c(0.25))),
+        lambda x, b: ((x + b).reshape(2, 8, 2, 3).transpose(0, 2, 1, 3)) * 0.25,
+        ["add", "multiply", "reshape", "permute_dims"], False),
+    "reshape_through_matmul": (  # torch Conv1D / addmm: flatten, matmul, unflatten
+        {"x": (2, 4, 8), "w": (8, 6)},
+        lambda v, e: e(relax.op.reshape(e(relax.op.matmul(e(relax.op.reshape(v["x"], (8, 8))),
+                                                          v["w"])), (2, 4, 6))),
+        lambda x, w: (x.reshape(8, 8) @ w).reshape(2, 4, 6), ["matmul"], False),
     "scalar_out_of_matmul": (  # (a * s) @ b with a larger than the result: scale the result
         {"a": (4, 64), "b": (64, 2)},
         lambda v, e: e(relax.op.matmul(e(relax.op.multiply(v["a"], _c(3.0))), v["b"])),
@@ -119,7 +141,8 @@ CASES = {
         lambda x: np.exp(x), ["exp"], False),
 }
 RULE_OF = {"permute_chain_composed": "permute_chain", "scalar_out_of_matmul":
-           "scalar_through_matmul", "factor_common_matmul": "factor_common",
+           "scalar_through_matmul", "scale_of_moved_data_after_matmul": "scalar_through_matmul",
+           "factor_common_matmul": "factor_common",
            "exp_quotient": "exp_product", "prod_of_exp": "exp_product",
            "divide_by_constant": "reciprocal_sqrt"}
 
@@ -131,7 +154,12 @@ def test_rule_fires_and_keeps_numerics(case):
     new = MathPropertyRewrite()(mod)
     counts, saved = rewrites_of(new["main"])
     assert counts.get(RULE_OF.get(case, case), 0) >= 1, counts
-    assert saved > 0
+    # the kernel-placement rules remove a kernel, not arithmetic (moving the scale onto the
+    # scores even adds some); every other rule removes FLOPs
+    if case in ("scale_to_producer", "scale_of_moved_data_after_matmul"):
+        assert saved <= 0
+    else:
+        assert saved > 0
     assert sorted(_ops(new)) == sorted(left), _ops(new)
     arrays = _arrays(params, positive=positive)
     expected = reference(*[a.astype("float64") for a in arrays]).astype(F32)
@@ -155,6 +183,57 @@ def test_no_saving_no_rewrite():
     mod = _build({"a": (4, 64), "b": (64, 2)},
                  lambda v, e: e(relax.op.multiply(e(relax.op.matmul(v["a"], v["b"])), _c(3.0))))
     assert candidates(mod["main"]) == []
+
+
+def test_the_scale_stays_on_the_scores_when_the_queries_are_moved_data():
+    """GPT-2 / timm ViT: the queries are a head of a split QKV (here: a graph input moved by
+    a transpose).  Scaled, they would need a kernel of their own; on the scores the scale is
+    free in the matmul's epilogue, so nothing moves."""
+    mod = _build({"x": (2, 4, 16), "k": (2, 4, 16)},
+                 lambda v, e: e(relax.op.multiply(
+                     e(relax.op.matmul(e(relax.op.permute_dims(v["x"], [0, 2, 1])), v["k"])),
+                     _c(0.125))))
+    assert candidates(mod["main"]) == []
+
+
+def test_a_scale_does_not_move_into_a_producer_with_other_readers():
+    """``t`` is read twice: scaling it for one reader would change the other."""
+    def body(v, e):
+        t = e(relax.op.add(v["x"], v["b"]))
+        heads = e(relax.op.multiply(e(relax.op.permute_dims(t, [1, 0, 2])), _c(0.5)))
+        return e(relax.op.add(heads, e(relax.op.permute_dims(t, [1, 0, 2]))))
+
+    mod = _build({"x": (2, 4, 8), "b": (8,)}, body)
+    assert not any(r.rule == "scale_to_producer" for _, r in candidates(mod["main"]))
+
+
+def test_conv1d_matmuls_lose_their_reshapes_and_keep_their_epilogues():
+    """GPT-2 exports its projections as flatten -> matmul -> unflatten.  The unflatten keeps
+    the residual add and the activation out of the matmul kernels (4 kernels: two matmuls and
+    two elementwise kernels reading through the reshapes); without the reshapes each joins its
+    matmul's epilogue (2 kernels).  Values against numpy."""
+    def body(v, e):
+        y = e(relax.op.reshape(e(relax.op.matmul(e(relax.op.reshape(v["x"], (16, 32))),
+                                                 v["w"])), (1, 16, 32)))
+        z = e(relax.op.add(y, v["x"]))
+        o = e(relax.op.reshape(e(relax.op.matmul(e(relax.op.reshape(z, (16, 32))), v["w2"])),
+                               (1, 16, 32)))
+        return e(relax.op.tanh(o))
+
+    params = {"x": (1, 16, 32), "w": (32, 32), "w2": (32, 32)}
+    mod = _build(params, body)
+    counts, _ = rewrites_of(MathPropertyRewrite()(mod)["main"])
+    assert counts == {"reshape_through_matmul": 2}
+    kernels = {}
+    for disable in ((), ("MathPropertyRewrite",)):
+        with LLVM:
+            lowered = smartmem_pipeline(LLVM, phases=UP_TO_KERNELS, disable=disable)(mod)
+        kernels[disable] = collect(lowered).kernels
+    assert kernels == {(): 2, ("MathPropertyRewrite",): 4}
+    x, w, w2 = _arrays(params)
+    expected = np.tanh(((x.reshape(16, 32) @ w).reshape(1, 16, 32) + x).reshape(16, 32) @ w2)
+    ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))
+    assert_matches(run_vm(ex, [x, w, w2]), [expected.reshape(1, 16, 32)])
 
 
 def test_a_non_scalar_factor_does_not_move_through_a_matmul():
@@ -201,7 +280,7 @@ def random_graphs(draw):
     steps = []
     for _ in range(draw(st.integers(2, 9))):
         kind = draw(st.sampled_from(["unary", "binary", "scale", "vector", "permute", "reshape",
-                                     "matmul", "power"]))
+                                     "matmul", "power", "flat_matmul", "scaled_heads"]))
         a = draw(st.integers(0, 64))
         b = draw(st.integers(0, 64))
         perms = (draw(st.permutations(range(3))), draw(st.permutations(range(3))))
@@ -237,6 +316,12 @@ def _graph_program(steps):
                 out = e(relax.op.reshape(twice, SHAPE))
             elif kind == "reshape":
                 out = e(relax.op.reshape(e(relax.op.reshape(x, (8, 8))), SHAPE))
+            elif kind == "flat_matmul":  # torch Conv1D: flatten, matmul, unflatten
+                out = e(relax.op.reshape(e(relax.op.matmul(e(relax.op.reshape(x, (8, 8))),
+                                                           v["m"])), SHAPE))
+            elif kind == "scaled_heads":  # moved data scaled, then a matmul, then moved back
+                heads = e(relax.op.multiply(e(relax.op.permute_dims(x, [1, 0, 2])), _c(c)))
+                out = e(relax.op.permute_dims(e(relax.op.matmul(heads, v["m"])), [1, 0, 2]))
             elif kind == "matmul":  # (x @ m) scaled, back to the shape
                 out = e(relax.op.multiply(e(relax.op.matmul(x, v["m"])), _c(c)))
             else:

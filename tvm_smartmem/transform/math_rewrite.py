@@ -12,7 +12,9 @@ rule                        rewrite                                          pro
 ==========================  ===============================================  ================
 ``permute_chain``           ``permute(permute(x, p), q) -> permute(x, p∘q)``  composition
 ``reshape_chain``           ``reshape(reshape(x)) -> reshape(x)``             composition
+``reshape_through_matmul``  ``reshape(flat(x) @ W) -> x @ W``                 matmul batches
 ``scalar_through_matmul``   ``(a @ b) * s -> (a * s) @ b`` (smaller operand)  matmul linear
+``scale_to_producer``       ``layout(t) * s -> layout(t * s)``                data movement
 ``factor_common``           ``x*a + x*b -> x*(a + b)``; ``x@A + x@B -> x@(A+B)``  distributive
 ``group_small_operands``    ``(x * c1) * c2 -> x * (c1 * c2)`` (also ``+``)   assoc. + comm.
 ``exp_product``             ``exp(a) * exp(b) -> exp(a + b)``; ``prod(exp x)  exp homomorphism
@@ -24,8 +26,16 @@ rule                        rewrite                                          pro
 
 FLOPs are counted per output element with weights for the expensive operations (division and
 square roots 4, exponentials / logarithms / powers 8, matmul 2·M·N·K); data movement counts 1 per
-element, so a composed permutation saves a copy.  Reassociating changes rounding, never values
-beyond the fp32 tolerances of ``tvm_smartmem.numerics`` (the tests check it on every rule).
+element, so a composed permutation saves a copy.  Where a scalar goes is also decided by the
+kernel it lands in (DNNFusion counts FLOPs only; this is our extension): next to a computing
+producer it joins that kernel's epilogue for free, next to moved data (a head of a split QKV,
+a graph input) it is a kernel of its own, costed as a launch plus a read and a write of every
+element (:data:`MEMORY`, :data:`LAUNCH`).  So the attention scale moves to the queries where
+they come from their own projection (BERT), and stays on -- or moves to -- the scores where
+they come from a fused QKV projection (GPT-2, timm's ViT).
+
+Reassociating changes rounding, never values beyond the fp32 tolerances of
+``tvm_smartmem.numerics`` (the tests check it on every rule).
 
 The pass records ``smartmem.rewrites`` (rule -> count) and ``smartmem.flops_removed`` on the
 function for ``tvm-smartmem report``.
@@ -49,6 +59,14 @@ FLOPS_ATTR = "smartmem.flops_removed"
 
 _COST = {"divide": 4, "sqrt": 4, "rsqrt": 4, "exp": 8, "log": 8, "power": 8}
 _RESHAPES = ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")
+#: operators that only move data: an elementwise op reading them cannot join their kernel
+_MOVES = ("relax.permute_dims", *_RESHAPES, "relax.strided_slice", "relax.split",
+          "relax.concat", "relax.take", "relax.layout_transform", "relax.broadcast_to")
+#: an fp32 element read or written through memory, in weighted FLOPs (a standalone elementwise
+#: kernel reads and writes each element; fused into an epilogue it does neither)
+MEMORY = 8
+#: a kernel launch, in weighted FLOPs
+LAUNCH = 1 << 15
 
 
 # -- facts about expressions ---------------------------------------------------------------
@@ -119,12 +137,36 @@ class Context:
         return value
 
 
+    def joins_producer(self, expr: relax.Expr) -> bool:
+        """Would an elementwise op that is ``expr``'s only reader join the kernel computing
+        ``expr`` (as its epilogue)?  Not when ``expr`` is a parameter, a tuple field, or data
+        moved by a layout operator (those fold into their readers, so the elementwise op would
+        be a kernel of its own), nor when something else reads ``expr`` too."""
+        if not isinstance(expr, relax.DataflowVar) or self.uses.get(expr, 0) != 1:
+            return False
+        value = self.defs.get(expr)
+        if not isinstance(value, relax.Call) or op_of(value) in _MOVES:
+            return False
+        cls = classify_call(value)
+        return cls is not OPAQUE and not cls.quadrant.fixed
+
+
 @dataclasses.dataclass
 class Rewrite:
     rule: str
-    saved: float  # estimated FLOPs removed
+    saved: float  # estimated work removed (weighted FLOPs, memory traffic and launches)
     expr: relax.Expr  # replaces the binding's value (may nest calls; emitted in order)
     consumed: tuple = ()  # single-use bindings the rewrite makes dead
+    flops: float | None = None  # arithmetic removed, when it differs from ``saved``
+
+    @property
+    def flops_removed(self) -> float:
+        return self.saved if self.flops is None else self.flops
+
+
+def standalone_kernel(elements: int) -> float:
+    """The work of an elementwise kernel of its own: each element read and written, a launch."""
+    return 2 * MEMORY * elements + LAUNCH
 
 
 Rule = Callable[[relax.Call, Context], Rewrite | None]
@@ -183,14 +225,18 @@ def scalar_through_matmul(call: relax.Call, ctx: Context) -> Rewrite | None:
             sizes = [numel(a), numel(b), numel(call)]
             if None in sizes:
                 continue
-            small = 0 if sizes[0] <= sizes[1] else 1
-            if sizes[small] >= sizes[2]:
-                continue
-            scaled, chain = _scale_at_root(inner.args[small], s, call, ctx)
-            args = [scaled, b] if small == 0 else [a, scaled]
-            expr = relax.Call(inner.op, args, inner.attrs)
-            return Rewrite("scalar_through_matmul", (sizes[2] - sizes[small]) * _cost(name),
-                           expr, (mm, *chain))
+            for side in sorted((0, 1), key=lambda i: sizes[i]):
+                if sizes[side] >= sizes[2]:
+                    break
+                scaled, chain, root = _scale_at_root(inner.args[side], s, call, ctx)
+                if not ctx.joins_producer(root):
+                    # on the scores the scale is free in the matmul's epilogue; on a tensor
+                    # that is moved data (a head of a split QKV) it would be a kernel of its own
+                    continue
+                args = [scaled, b] if side == 0 else [a, scaled]
+                expr = relax.Call(inner.op, args, inner.attrs)
+                return Rewrite("scalar_through_matmul",
+                               (sizes[2] - sizes[side]) * _cost(name), expr, (mm, *chain))
     if name == "relax.matmul" and classify_call(call).distributive:
         # (a op s) @ b  ->  (a @ b) op s   when a is larger than the result
         for k in (0, 1):
@@ -201,24 +247,29 @@ def scalar_through_matmul(call: relax.Call, ctx: Context) -> Rewrite | None:
             for j in ((0, 1) if op_name == "relax.multiply" else (0,)):
                 x, s = scaled.args[j], scaled.args[1 - j]
                 if numel(s) != 1 or None in (numel(x), numel(call)) or \
-                        numel(x) <= numel(call) or shape_of(x) != shape_of(scaled):
+                        shape_of(x) != shape_of(scaled):
+                    continue
+                flops = (numel(x) - numel(call)) * _cost(op_name)
+                # the scale of moved data is a kernel of its own; after the matmul it joins
+                # the epilogue (the q * s and k * s of an exported scaled_dot_product_attention)
+                saved = flops if ctx.joins_producer(x) else flops + standalone_kernel(numel(x))
+                if saved <= 0:
                     continue
                 args = list(call.args)
                 args[k] = x
                 expr = relax.Call(scaled.op, [relax.Call(call.op, args, call.attrs), s],
                                   scaled.attrs)
-                return Rewrite("scalar_through_matmul",
-                               (numel(x) - numel(call)) * _cost(op_name), expr,
-                               (call.args[k],))
+                return Rewrite("scalar_through_matmul", saved, expr, (call.args[k],), flops)
     return None
 
 
 def _scale_at_root(operand: relax.Expr, s: relax.Expr, scale: relax.Call,
-                   ctx: Context) -> tuple[relax.Expr, tuple]:
+                   ctx: Context) -> tuple[relax.Expr, tuple, relax.Expr]:
     """``operand op s``, with the scaling moved above the single-use layout operators that
     produce ``operand`` (an elementwise scalar commutes with any data movement): the queries'
     scale then lands in the Q projection's epilogue instead of becoming a kernel between the
-    head split and the attention matmul.  Returns the expression and the bypassed bindings."""
+    head split and the attention matmul.  Returns the expression, the bypassed bindings and
+    the tensor the scale now applies to."""
     chain: list[relax.Call] = []
     names: list = []
     root = operand
@@ -229,7 +280,52 @@ def _scale_at_root(operand: relax.Expr, s: relax.Expr, scale: relax.Call,
     expr = relax.Call(scale.op, [root, s], scale.attrs)
     for layout in reversed(chain):
         expr = relax.Call(layout.op, [expr, *layout.args[1:]], layout.attrs)
-    return expr, tuple(names)
+    return expr, tuple(names), root
+
+
+def scale_to_producer(call: relax.Call, ctx: Context) -> Rewrite | None:
+    """``layout(t) * s -> layout(t * s)``: a scalar applied to moved data (the heads of a
+    projection) would be a kernel of its own; moved above the layout operators it joins the
+    epilogue of the kernel that computes ``t``.  Same FLOPs, one kernel and a round trip
+    through memory fewer."""
+    name = op_of(call)
+    if name not in ("relax.multiply", "relax.divide"):
+        return None
+    for k in ((0, 1) if name == "relax.multiply" else (0,)):
+        x, s = call.args[k], call.args[1 - k]
+        if numel(s) != 1 or shape_of(x) is None or shape_of(x) != shape_of(call) or \
+                ctx.single(x, "relax.permute_dims", *_RESHAPES) is None:
+            continue
+        expr, chain, root = _scale_at_root(x, s, call, ctx)
+        if not ctx.joins_producer(root):
+            continue
+        return Rewrite("scale_to_producer", standalone_kernel(numel(x)), expr, chain, 0)
+    return None
+
+
+def reshape_through_matmul(call: relax.Call, ctx: Context) -> Rewrite | None:
+    """``reshape(reshape(x, (R, K)) @ W, x.shape[:-1] + (N,)) -> x @ W`` for a 2-D ``W``: a
+    matmul broadcasts over leading dimensions, so flattening them around it (how torch's
+    Conv1D / addmm export) only moves data -- and the reshape after the matmul would keep the
+    bias / residual / activation that follow out of the matmul's epilogue."""
+    if op_of(call) not in _RESHAPES:
+        return None
+    mm = ctx.single(call.args[0], "relax.matmul")
+    if mm is None:
+        return None
+    a, w = mm.args
+    flat = ctx.single(a, *_RESHAPES)
+    if flat is None:
+        return None
+    x = flat.args[0]
+    xs, fs, ws, out = shape_of(x), shape_of(a), shape_of(w), shape_of(call)
+    if None in (xs, fs, ws, out) or len(ws) != 2 or len(fs) != 2 or len(xs) < 2:
+        return None
+    if xs[-1] != fs[1] or math.prod(xs[:-1]) != fs[0] or out != (*xs[:-1], ws[1]):
+        return None
+    moved = numel(a) + numel(call)
+    return Rewrite("reshape_through_matmul", moved, relax.Call(mm.op, [x, w], mm.attrs),
+                   (call.args[0], a))
 
 
 def factor_common(call: relax.Call, ctx: Context) -> Rewrite | None:
@@ -369,7 +465,8 @@ def double_negation(call: relax.Call, ctx: Context) -> Rewrite | None:
     return Rewrite("double_negation", 2 * (numel(call) or 1), inner.args[0], (call.args[0],))
 
 
-RULES: tuple[Rule, ...] = (permute_chain, reshape_chain, scalar_through_matmul, factor_common,
+RULES: tuple[Rule, ...] = (permute_chain, reshape_chain, reshape_through_matmul,
+                           scalar_through_matmul, scale_to_producer, factor_common,
                            group_small_operands, exp_product, reciprocal_sqrt, small_power,
                            double_negation)
 
@@ -466,7 +563,7 @@ def rewrite_function(mod: tvm.IRModule, func_name: str = "main", max_rounds: int
             touched |= parts
             chosen[var] = rewrite
             counts[rewrite.rule] = counts.get(rewrite.rule, 0) + 1
-            saved += rewrite.saved
+            saved += rewrite.flops_removed
         mod = relax.transform.DeadCodeElimination()(_apply(mod, func_name, chosen))
     if counts:  # identities left ``y = x`` bindings; DCE drops what the rewrites made dead
         mod = relax.transform.CanonicalizeBindings()(mod)
