@@ -21,7 +21,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["tvm_smartmem", "tvm_smartmem.*"]),
-    package_data={"tvm_smartmem": ["runtime/opencl/*.cc", "runtime/opencl/*.h"]},
+    package_data={"tvm_smartmem": ["runtime/opencl/*.cc", "runtime/opencl/*.h",
+                                   "tir/matmul_configs.json"]},
     install_requires=[
         *TVM_PINS,
         "onnx>=1.16",

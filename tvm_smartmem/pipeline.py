@@ -122,7 +122,7 @@ def tir_passes(target: Target, smartmem: bool = True,
                             ("SimplifyIndices", SimplifyIndices)], disable)
     if not _is_gpu(target):
         return passes
-    return [*passes, gpu_schedules() if smartmem else default_gpu_schedules()]
+    return [*passes, gpu_schedules(disable) if smartmem else default_gpu_schedules()]
 
 
 def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
@@ -132,7 +132,7 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 #: Every smartmem pass that ``disable`` can name.
 SMARTMEM_PASSES = ("MathPropertyRewrite", "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
-                   "FusePlan", "InlineDataMovement", "SimplifyIndices")
+                   "FusePlan", "InlineDataMovement", "SimplifyIndices", "TunedMatmul")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -143,10 +143,12 @@ STAGES: dict[str, tuple[str, ...]] = {
     "layout": ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransforms", "FusePlan"),
     "tir": ("InlineDataMovement", "SimplifyIndices"),
     "rewrite": ("MathPropertyRewrite",),
+    "schedule": ("TunedMatmul",),
 }
 
-#: The cumulative ablation: each step adds one stage; the last one is the whole pipeline.
-ABLATION = ("fusion", "fusion+layout", "fusion+layout+tir")
+#: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
+#: (the measured GEMM knobs of ``TunedMatmul``).
+ABLATION = ("fusion", "fusion+layout", "fusion+layout+tir", "fusion+layout+tir+rewrite")
 
 
 def only_stages(spec: str) -> tuple[str, ...]:
@@ -160,10 +162,13 @@ def only_stages(spec: str) -> tuple[str, ...]:
     return tuple(p for p in SMARTMEM_PASSES if p not in keep)
 
 
-def _dlight_rules() -> list:
+def _dlight_rules(tuned: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+    from .tir.matmul import TunedMatmul
+
+    matmul = TunedMatmul() if tuned else dl.gpu.Matmul()
+    return [matmul, dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback()]
 
 
@@ -174,11 +179,12 @@ def default_gpu_schedules() -> tvm.transform.Pass:
     return dl.ApplyDefaultSchedule(*_dlight_rules())
 
 
-def gpu_schedules() -> tvm.transform.Pass:
-    """The same rules, with a rule that fails on one of our fused kernels skipped for it."""
+def gpu_schedules(disable: frozenset = frozenset()) -> tvm.transform.Pass:
+    """The same rules, with a rule that fails on one of our fused kernels skipped for it, and
+    the GEMM knobs measured per target (``TunedMatmul``) unless that is disabled."""
     from .tir.schedule import ApplyScheduleRules
 
-    return ApplyScheduleRules(*_dlight_rules())
+    return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable))
 
 
 def dataflow_lower_passes(target: Target, smartmem: bool = True,

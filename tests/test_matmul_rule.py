@@ -1,0 +1,99 @@
+"""TunedMatmul: the GEMM knobs come from the measured table, per target, and stay correct."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+from conftest import assert_matches
+from tvm import relax
+from tvm.s_tir.dlight import gpu
+
+from tvm_smartmem import targets
+from tvm_smartmem.pipeline import SMARTMEM_PASSES, smartmem_pipeline
+from tvm_smartmem.tir import matmul
+from tvm_smartmem.tir.matmul import TunedMatmul, load_table, target_key
+
+
+def _gemm(m=48, k=40, n=24, batch=()):
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType((*batch, m, k), "float32"))
+    b = relax.Var("b", relax.TensorType((*batch, k, n), "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.gelu(relax.op.matmul(a, b)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_the_shipped_table_names_its_measurement():
+    table = load_table()
+    assert set(table) == {"cuda", "opencl"}
+    for entry in table.values():
+        assert entry["measured"] == "benchmarks/results/matmul_sweep_h100.json"
+        gpu.Matmul.Config(**entry["config"])  # every knob is one dlight knows
+
+
+def test_each_target_gets_its_own_knobs():
+    rule = TunedMatmul()
+    table = load_table()
+    opencl = rule.get_configs(targets.get("opencl"))
+    assert opencl == gpu.Matmul.Config(**table["opencl"]["config"])
+    assert opencl != gpu.Matmul().get_configs(targets.get("opencl"))  # not dlight's generic one
+    # a phone keeps dlight's mobile setting: the table was measured on a desktop GPU
+    adreno = targets.get("adreno")
+    assert target_key(adreno) is None
+    assert rule.get_configs(adreno) == gpu.Matmul().get_configs(adreno)
+
+
+def test_a_table_of_your_own(tmp_path, monkeypatch):
+    own = tmp_path / "mine.json"
+    config = dict(load_table()["opencl"]["config"], micro_size_k=8)
+    own.write_text(json.dumps({"opencl": {"config": config, "measured": "here"}}))
+    monkeypatch.setenv(matmul.ENV, str(own))
+    load_table.cache_clear()
+    try:
+        assert TunedMatmul().get_configs(targets.get("opencl")).micro_size_k == 8
+        own.write_text(json.dumps({"opencl": {"config": {"tile": 3}}}))
+        load_table.cache_clear()
+        with pytest.raises(ValueError, match="unknown matmul knob"):
+            TunedMatmul().get_configs(targets.get("opencl"))
+    finally:
+        monkeypatch.delenv(matmul.ENV)
+        load_table.cache_clear()
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_tuned_gemm_with_an_epilogue_matches_numpy_on_opencl(batch):
+    """Odd sizes (not multiples of the 64 x 32 tile) and a fused gelu, run on PoCL."""
+    from tvm_smartmem.runtime import opencl
+
+    dev = opencl.require_device()
+    mod = _gemm(batch=batch)
+    tgt = targets.get("opencl")
+    ex = tvm.compile(mod, tgt, relax_pipeline=smartmem_pipeline(tgt))
+    rules = [f.attrs["smartmem.schedule_rule"] for f in
+             smartmem_pipeline(tgt)(mod).functions.values()
+             if isinstance(f, tvm.tirx.PrimFunc)]
+    assert rules == ["TunedMatmul"]
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((*batch, 48, 40)).astype("float32")
+    b = rng.standard_normal((*batch, 40, 24)).astype("float32")
+    vm = relax.VirtualMachine(ex, dev)
+    out = vm["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev)).numpy()
+    x = a.astype("float64") @ b.astype("float64")
+    from math import erf, sqrt
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / sqrt(2))))
+    assert_matches([out], [gelu(x).astype("float32")])
+
+
+def test_the_ablation_can_switch_it_off():
+    assert "TunedMatmul" in SMARTMEM_PASSES
+    tgt = targets.get("opencl")
+    lowered = smartmem_pipeline(tgt, disable=("TunedMatmul",))(_gemm())
+    rules = {f.attrs["smartmem.schedule_rule"] for f in lowered.functions.values()
+             if isinstance(f, tvm.tirx.PrimFunc)}
+    assert rules == {"Matmul"}

@@ -1,0 +1,71 @@
+"""TunedMatmul: dlight's GEMM rule with its knobs set per target from measurements.
+
+dlight's ``gpu.Matmul`` tiles a matmul (and batched matmul, with any fused prologue / epilogue)
+by a fixed :class:`~tvm.s_tir.dlight.gpu.Matmul.Config`: thread-block shape, per-thread micro
+tile, reduction step, vector width, unrolling.  Its CUDA setting and its generic OpenCL one
+(8 x 8 threads of 4 x 4 outputs, scalar loads) were not chosen for a desktop GPU, and the GEMMs
+are most of a transformer's time.  This rule is the same schedule with the knobs read from
+``matmul_configs.json`` (shipped with the package): per target kind, the configuration that won
+``benchmarks/matmul_sweep.py`` on the zoo's GEMM shapes, with the file it was measured in.
+Targets without an entry (Adreno, Metal, ...) keep dlight's own choice.
+
+``TVM_SMARTMEM_MATMUL_CONFIGS=/path.json`` points at another table (a sweep on your device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+from tvm.s_tir.dlight import gpu
+from tvm.target import Target
+
+TABLE = Path(__file__).resolve().parent / "matmul_configs.json"
+ENV = "TVM_SMARTMEM_MATMUL_CONFIGS"
+KNOBS = tuple(f.name for f in dataclasses.fields(gpu.Matmul.Config))
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str | None = None) -> dict[str, dict]:
+    """target key -> {"config": {knob: value}, "measured": results file}; {} when absent."""
+    file = Path(path or os.environ.get(ENV) or TABLE)
+    if not file.exists():
+        return {}
+    table = json.loads(file.read_text())
+    for key, entry in table.items():
+        unknown = set(entry.get("config", {})) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"{file}: unknown matmul knob(s) {sorted(unknown)} for '{key}'; "
+                             f"knobs: {', '.join(KNOBS)}")
+    return table
+
+
+def target_key(target: Target) -> str | None:
+    """The table key of a target: ``cuda``, ``opencl``; None for targets dlight tunes itself
+    (a mobile OpenCL target -- Adreno, Android host -- keeps dlight's mobile setting)."""
+    kind = target.kind.name
+    if kind == "opencl" and ("android" in str(target.host) or "adreno" in str(target.attrs)):
+        return None
+    return kind if kind in ("cuda", "opencl") else None
+
+
+class TunedMatmul(gpu.Matmul):
+    """``gpu.Matmul`` with measured knobs (see the module doc); ``config`` overrides the table
+    (the sweep uses it to try candidates)."""
+
+    def __init__(self, config: gpu.Matmul.Config | None = None, table: str | None = None):
+        super().__init__()
+        self.config = config
+        self.table = table
+
+    def get_configs(self, target: Target) -> gpu.Matmul.Config:
+        if self.config is not None:
+            return self.config
+        key = target_key(target)
+        entry = load_table(self.table).get(key) if key else None
+        if entry is None:
+            return super().get_configs(target)
+        return gpu.Matmul.Config(**entry["config"])
