@@ -402,6 +402,12 @@ def measure(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     data = json.loads(Path(args.results).read_text())
+    if args.peers_from:
+        other = json.loads(Path(args.peers_from).read_text())
+        data["peers"] = other.get("peers", {})
+        data["peers_note"] = (f"PyTorch columns: measured in an earlier call on the same machine "
+                              f"kind ({other['machine'].get('cuda_device')}), commit "
+                              f"`{other['manifest']['git_commit']}`.")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name
@@ -451,7 +457,8 @@ def report(args: argparse.Namespace) -> None:
           f"Protocol: {proto['warmup']} warm-up calls, median of {proto['repeat']} x "
           f"{proto['number']} calls (`time_evaluator`). Outputs checked against ONNX Runtime.",
           f"Compiled at commit `{data['manifest']['git_commit']}` with TVM "
-          f"{data['manifest']['tvm']}; measured with runtime-only TVM {machine['tvm']}.", "",
+          f"{data['manifest']['tvm']}; measured with runtime-only TVM {machine['tvm']}.",
+          *([data["peers_note"]] if data.get("peers_note") else []), "",
           *lines, "",
           f"Reproduce: `{args.command}`", f"Raw data: `benchmarks/results/{stem}.json`", ""]
     (out_dir / f"{stem}.md").write_text("\n".join(md))
@@ -559,6 +566,8 @@ def main() -> None:
     r.add_argument("--name", default="gpu_baseline")
     r.add_argument("--title", default="TVM default pipeline on the H100: CUDA vs NVIDIA OpenCL")
     r.add_argument("--command", default="see CONTRIBUTING.md, 'Measuring on the GPU machine'")
+    r.add_argument("--peers-from", help="take the PyTorch peers from another results file "
+                   "(same machine kind; the peers do not depend on our code)")
     r.set_defaults(func=report)
     args = p.parse_args()
     args.func(args)
