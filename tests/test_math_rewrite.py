@@ -88,6 +88,11 @@ CASES = {
             _c(0.25))),
         lambda x, b: ((x + b).reshape(2, 8, 2, 3).transpose(0, 2, 1, 3)) * 0.25,
         ["add", "multiply", "reshape", "permute_dims"], False),
+    "reshape_into_matmul": (  # LeViT: Linear -> flatten -> BatchNorm (an epilogue)
+        {"x": (1, 6, 8), "w": (8, 4), "b": (1, 4)},
+        lambda v, e: e(relax.op.subtract(
+            e(relax.op.reshape(e(relax.op.matmul(v["x"], v["w"])), (6, 4))), v["b"])),
+        lambda x, w, b: (x @ w).reshape(6, 4) - b, ["reshape", "matmul", "subtract"], False),
     "reshape_through_matmul": (  # torch Conv1D / addmm: flatten, matmul, unflatten
         {"x": (2, 4, 8), "w": (8, 6)},
         lambda v, e: e(relax.op.reshape(e(relax.op.matmul(e(relax.op.reshape(v["x"], (8, 8))),
@@ -156,7 +161,8 @@ def test_rule_fires_and_keeps_numerics(case):
     assert counts.get(RULE_OF.get(case, case), 0) >= 1, counts
     # the kernel-placement rules remove a kernel, not arithmetic (moving the scale onto the
     # scores even adds some); every other rule removes FLOPs
-    if case in ("scale_to_producer", "scale_of_moved_data_after_matmul"):
+    if case in ("scale_to_producer", "scale_of_moved_data_after_matmul",
+                "reshape_into_matmul"):
         assert saved <= 0
     else:
         assert saved > 0
@@ -236,6 +242,20 @@ def test_conv1d_matmuls_lose_their_reshapes_and_keep_their_epilogues():
     assert_matches(run_vm(ex, [x, w, w2]), [expected.reshape(1, 16, 32)])
 
 
+def test_a_reshape_after_a_matmul_stays_when_nothing_would_join_the_epilogue():
+    """The reshape changes the last axis (not a batch-only reshape), or its reader is a layout
+    operator: moving it above the matmul would gain no kernel."""
+    last_axis = _build({"x": (1, 6, 8), "w": (8, 4), "b": (1, 24)},
+                       lambda v, e: e(relax.op.subtract(
+                           e(relax.op.reshape(e(relax.op.matmul(v["x"], v["w"])), (1, 24))),
+                           v["b"])))
+    to_layout = _build({"x": (1, 6, 8), "w": (8, 4)},
+                       lambda v, e: e(relax.op.permute_dims(
+                           e(relax.op.reshape(e(relax.op.matmul(v["x"], v["w"])), (6, 4))))))
+    for mod in (last_axis, to_layout):
+        assert not any(r.rule == "reshape_into_matmul" for _, r in candidates(mod["main"]))
+
+
 def test_a_non_scalar_factor_does_not_move_through_a_matmul():
     mod = _build({"q": (16, 4), "k": (4, 16), "s": (16,)},
                  lambda v, e: e(relax.op.multiply(e(relax.op.matmul(v["q"], v["k"])), v["s"])))
@@ -280,7 +300,8 @@ def random_graphs(draw):
     steps = []
     for _ in range(draw(st.integers(2, 9))):
         kind = draw(st.sampled_from(["unary", "binary", "scale", "vector", "permute", "reshape",
-                                     "matmul", "power", "flat_matmul", "scaled_heads"]))
+                                     "matmul", "power", "flat_matmul", "scaled_heads",
+                                     "matmul_flat_epilogue"]))
         a = draw(st.integers(0, 64))
         b = draw(st.integers(0, 64))
         perms = (draw(st.permutations(range(3))), draw(st.permutations(range(3))))
@@ -319,6 +340,9 @@ def _graph_program(steps):
             elif kind == "flat_matmul":  # torch Conv1D: flatten, matmul, unflatten
                 out = e(relax.op.reshape(e(relax.op.matmul(e(relax.op.reshape(x, (8, 8))),
                                                            v["m"])), SHAPE))
+            elif kind == "matmul_flat_epilogue":  # matmul, flatten, elementwise, unflatten
+                flat = e(relax.op.reshape(e(relax.op.matmul(x, v["m"])), (8, 8)))
+                out = e(relax.op.reshape(e(relax.op.add(flat, v["w"])), SHAPE))
             elif kind == "scaled_heads":  # moved data scaled, then a matmul, then moved back
                 heads = e(relax.op.multiply(e(relax.op.permute_dims(x, [1, 0, 2])), _c(c)))
                 out = e(relax.op.permute_dims(e(relax.op.matmul(heads, v["m"])), [1, 0, 2]))

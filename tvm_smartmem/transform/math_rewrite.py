@@ -13,6 +13,7 @@ rule                        rewrite                                          pro
 ``permute_chain``           ``permute(permute(x, p), q) -> permute(x, p∘q)``  composition
 ``reshape_chain``           ``reshape(reshape(x)) -> reshape(x)``             composition
 ``reshape_through_matmul``  ``reshape(flat(x) @ W) -> x @ W``                 matmul batches
+``reshape_into_matmul``     ``reshape(x @ W) -> reshape(x) @ W``              matmul batches
 ``scalar_through_matmul``   ``(a @ b) * s -> (a * s) @ b`` (smaller operand)  matmul linear
 ``scale_to_producer``       ``layout(t) * s -> layout(t * s)``                data movement
 ``factor_common``           ``x*a + x*b -> x*(a + b)``; ``x@A + x@B -> x@(A+B)``  distributive
@@ -51,7 +52,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from ..analysis.classify import OPAQUE, classify_call
+from ..analysis.classify import OPAQUE, MappingType, classify_call
 from .partition import Block, is_single_block, substitute
 
 REWRITES_ATTR = "smartmem.rewrites"
@@ -125,6 +126,8 @@ class Context:
 
     defs: dict  # Var -> bound value
     uses: dict  # Var -> number of uses (the function's result counts as a use)
+    readers: dict = dataclasses.field(default_factory=dict)  # Var -> values reading it
+    var_of: dict = dataclasses.field(default_factory=dict)  # bound value -> its Var
 
     def single(self, expr: relax.Expr, *ops: str) -> relax.Call | None:
         """The call defining ``expr`` when it is one of ``ops``, known to the classifier and
@@ -281,6 +284,39 @@ def _scale_at_root(operand: relax.Expr, s: relax.Expr, scale: relax.Call,
     for layout in reversed(chain):
         expr = relax.Call(layout.op, [expr, *layout.args[1:]], layout.attrs)
     return expr, tuple(names), root
+
+
+def _epilogue_reader(value: relax.Expr) -> bool:
+    """Would ``value`` be an epilogue of the kernel producing what it reads (elementwise,
+    possibly broadcasting, computing -- not data movement, not a reduction)?"""
+    if not isinstance(value, relax.Call) or op_of(value) in _MOVES:
+        return False
+    cls = classify_call(value)
+    return cls is not OPAQUE and not cls.quadrant.fixed and \
+        cls.mapping in (MappingType.ONE_TO_ONE, MappingType.ONE_TO_MANY)
+
+
+def reshape_into_matmul(call: relax.Call, ctx: Context) -> Rewrite | None:
+    """``reshape(x @ W, S) -> reshape(x, S[:-1] + (K,)) @ W`` for a 2-D ``W`` when the reshape
+    keeps the last axis (it only merges or splits the leading, batch-like dimensions).  A
+    reshape between a matmul and the elementwise ops after it (LeViT's Linear -> flatten ->
+    BatchNorm) keeps them out of the matmul's epilogue; before the matmul it folds into the
+    matmul's reads.  Same data, one kernel fewer."""
+    if op_of(call) not in _RESHAPES:
+        return None
+    mm = ctx.single(call.args[0], "relax.matmul")
+    if mm is None:
+        return None
+    x, w = mm.args
+    xs, ws, out = shape_of(x), shape_of(w), shape_of(call)
+    if None in (xs, ws, out) or len(ws) != 2 or len(xs) < 2 or len(out) < 2 or \
+            out[-1] != ws[1] or math.prod(out[:-1]) != math.prod(xs[:-1]):
+        return None
+    if not any(_epilogue_reader(r) for r in ctx.readers.get(ctx.var_of.get(call), [])):
+        return None
+    flat = relax.op.reshape(x, (*out[:-1], xs[-1]))
+    return Rewrite("reshape_into_matmul", standalone_kernel(numel(call)),
+                   relax.Call(mm.op, [flat, w], mm.attrs), (call.args[0],), 0)
 
 
 def scale_to_producer(call: relax.Call, ctx: Context) -> Rewrite | None:
@@ -466,9 +502,9 @@ def double_negation(call: relax.Call, ctx: Context) -> Rewrite | None:
 
 
 RULES: tuple[Rule, ...] = (permute_chain, reshape_chain, reshape_through_matmul,
-                           scalar_through_matmul, scale_to_producer, factor_common,
-                           group_small_operands, exp_product, reciprocal_sqrt, small_power,
-                           double_negation)
+                           reshape_into_matmul, scalar_through_matmul, scale_to_producer,
+                           factor_common, group_small_operands, exp_product, reciprocal_sqrt,
+                           small_power, double_negation)
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -477,12 +513,14 @@ RULES: tuple[Rule, ...] = (permute_chain, reshape_chain, reshape_through_matmul,
 def _context(func: relax.Function, block: Block) -> Context:
     defs = {b.var: b.value for b in block.bindings}
     uses: dict = {}
+    readers: dict = {}
     for b in block.bindings:
         for v in relax.analysis.free_vars(b.value):
             uses[v] = uses.get(v, 0) + 1
+            readers.setdefault(v, []).append(b.value)
     for v in relax.analysis.free_vars(func.body.body):
         uses[v] = uses.get(v, 0) + 1
-    return Context(defs, uses)
+    return Context(defs, uses, readers, {b.value: b.var for b in block.bindings})
 
 
 def candidates(func: relax.Function, rules: tuple[Rule, ...] = RULES) -> list[tuple]:
