@@ -134,6 +134,11 @@ def prepare(args: argparse.Namespace) -> None:
         print(f"[{i}/{len(names)}] {name}: {len(params)} weights, "
               f"{len(pipelines) * len(TARGETS)} builds in {time.perf_counter() - t0:.0f} s",
               flush=True)
+    finish_bundle(bundle, manifest)
+
+
+def finish_bundle(bundle: Path, manifest: dict) -> None:
+    """Pack what ``bundle/models`` holds with the runtime, the ICD file and the manifest."""
     _pack_runtime(bundle)
     # libraries are mostly kernel source text: compressed, a dozen models fit in one call
     with tarfile.open(bundle / "models.tar.gz", "w:gz") as tar:

@@ -26,7 +26,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -116,15 +115,7 @@ def prepare(args: argparse.Namespace) -> None:
         manifest["libraries"][target_name] = {"library": path.name, "functions": sorted(funcs)}
         print(f"{target_name}: {len(funcs)} kernels built in {time.perf_counter() - t0:.0f} s",
               flush=True)
-    gm._pack_runtime(bundle)
-    with tarfile.open(bundle / "models.tar.gz", "w:gz") as tar:
-        tar.add(bundle / "models", arcname="models")
-    shutil.rmtree(bundle / "models")
-    (bundle / "icd").mkdir()
-    (bundle / "icd" / "nvidia.icd").write_text("libnvidia-opencl.so.1\n")
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
-    print(f"bundle {bundle}: {size / 2**20:.1f} MiB")
+    gm.finish_bundle(bundle, manifest)
 
 
 def _measure_stage2(args: argparse.Namespace) -> None:

@@ -286,6 +286,13 @@ def _scale_at_root(operand: relax.Expr, s: relax.Expr, scale: relax.Call,
     return expr, tuple(names), root
 
 
+def _reshaped_matmul(call: relax.Call, ctx: Context) -> relax.Call | None:
+    """The matmul ``call`` reshapes, when it is read by nothing else."""
+    if op_of(call) not in _RESHAPES:
+        return None
+    return ctx.single(call.args[0], "relax.matmul")
+
+
 def _epilogue_reader(value: relax.Expr) -> bool:
     """Would ``value`` be an epilogue of the kernel producing what it reads (elementwise,
     possibly broadcasting, computing -- not data movement, not a reduction)?"""
@@ -302,9 +309,7 @@ def reshape_into_matmul(call: relax.Call, ctx: Context) -> Rewrite | None:
     reshape between a matmul and the elementwise ops after it (LeViT's Linear -> flatten ->
     BatchNorm) keeps them out of the matmul's epilogue; before the matmul it folds into the
     matmul's reads.  Same data, one kernel fewer."""
-    if op_of(call) not in _RESHAPES:
-        return None
-    mm = ctx.single(call.args[0], "relax.matmul")
+    mm = _reshaped_matmul(call, ctx)
     if mm is None:
         return None
     x, w = mm.args
@@ -344,9 +349,7 @@ def reshape_through_matmul(call: relax.Call, ctx: Context) -> Rewrite | None:
     matmul broadcasts over leading dimensions, so flattening them around it (how torch's
     Conv1D / addmm export) only moves data -- and the reshape after the matmul would keep the
     bias / residual / activation that follow out of the matmul's epilogue."""
-    if op_of(call) not in _RESHAPES:
-        return None
-    mm = ctx.single(call.args[0], "relax.matmul")
+    mm = _reshaped_matmul(call, ctx)
     if mm is None:
         return None
     a, w = mm.args
