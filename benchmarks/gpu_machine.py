@@ -47,14 +47,6 @@ FFI_VERSION = "0.1.14.post1"
 SEED = 1234
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # =============================================================================================
 # prepare (CPU machine, full TVM)
 # =============================================================================================
@@ -98,6 +90,7 @@ def prepare(args: argparse.Namespace) -> None:
     import tvm
 
     from tvm_smartmem import frontend, targets, zoo
+    from tvm_smartmem.bench import git_commit
     from tvm_smartmem.report import compile_with
 
     bundle = Path(args.bundle)
@@ -107,7 +100,7 @@ def prepare(args: argparse.Namespace) -> None:
     names = zoo.resolve(args.models)
     pipelines = args.pipelines.split(",")
     manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "git_commit": _git_commit(), "host": platform.node(),
+                "git_commit": git_commit(), "host": platform.node(),
                 "tvm": tvm.__version__, "seed": SEED, "pipelines": pipelines, "models": {}}
     for i, name in enumerate(names, 1):
         t0 = time.perf_counter()

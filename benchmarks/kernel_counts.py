@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -28,14 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: families whose kernel ratio the issues bound (the rest only must not get worse)
 ATTENTION_FAMILIES = ("local-attention", "global-attention", "hybrid", "llm", "diffusion")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _check_numerics(name: str) -> dict:
@@ -185,9 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     import tvm
 
     from tvm_smartmem import zoo
+    from tvm_smartmem.bench import git_commit
 
     names = zoo.resolve(args.models)
-    data = {"target": args.target, "git_commit": _git_commit(), "tvm": tvm.__version__,
+    data = {"target": args.target, "git_commit": git_commit(), "tvm": tvm.__version__,
             "host": platform.node(),
             "command": "python benchmarks/kernel_counts.py " + " ".join(sys.argv[1:]),
             "models": measure(names, args.target, args.check)}

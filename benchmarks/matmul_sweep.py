@@ -82,6 +82,7 @@ def prepare(args: argparse.Namespace) -> None:
     from tvm.s_tir.dlight import gpu
 
     from tvm_smartmem import targets
+    from tvm_smartmem.bench import git_commit
     from tvm_smartmem.tir.matmul import TunedMatmul
 
     bundle = Path(args.bundle)
@@ -90,7 +91,7 @@ def prepare(args: argparse.Namespace) -> None:
     (bundle / "models").mkdir(parents=True)
     configs = candidates()
     manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "git_commit": gm._git_commit(), "tvm": tvm.__version__, "configs": configs,
+                "git_commit": git_commit(), "tvm": tvm.__version__, "configs": configs,
                 "shapes": [{"name": n, "a": a, "b": b} for n, a, b in SHAPES], "libraries": {}}
     for target_name in TARGETS:
         tgt = targets.get(target_name)

@@ -5,7 +5,6 @@ the smartmem build's error in kernel_counts_cuda.md.  ~25 minutes on 2 cores (un
 """
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import onnx
 import tvm
 
 from tvm_smartmem import frontend, numerics, targets, zoo
+from tvm_smartmem.bench import git_commit
 from tvm_smartmem.measure import LocalRunner
 from tvm_smartmem.pipeline import baseline
 
@@ -36,8 +36,7 @@ def main() -> None:
               "matches_onnxruntime": bool(ok), "max_error": float(err),
               "seconds": round(time.time() - t0, 1),
               "reference_absmax": float(np.abs(ref[0]).max()),
-              "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip(),
+              "git_commit": git_commit(),
               "command": "python benchmarks/vae_numerics.py"}
     out = Path(__file__).resolve().parent / "results" / "vae_decoder_numerics.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -69,12 +69,10 @@ class BenchConfig:
 def load_model(spec: str, zoo_cache: str | None = None) -> tuple[str, onnx.ModelProto]:
     """``builtin:NAME``, a path to an ``.onnx`` file, or a zoo model name (exported already)."""
     from . import zoo
+    from .report import resolve_model
 
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        return name, models.get(name)
-    if spec.endswith(".onnx") or Path(spec).exists():
-        return Path(spec).stem, frontend.load_onnx(spec)
+    if spec.startswith("builtin:") or spec.endswith(".onnx") or Path(spec).exists():
+        return resolve_model(spec)
     name = zoo.resolve(spec)[0]
     path = zoo.model_path(name, Path(zoo_cache) if zoo_cache else None)
     return name, frontend.load_onnx(path)
@@ -147,7 +145,8 @@ def bench_one(model: str, mod, target: str, pipeline: str, inputs: dict, params:
 # -- the suite -------------------------------------------------------------------------------
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The commit of this checkout (results files record it), ``unknown`` outside git."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -169,7 +168,7 @@ def machine_info() -> dict:
         pass
     return {"host": platform.node(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
-            "cpus": _cpu_count(), "versions": versions, "git_commit": _git_commit(),
+            "cpus": _cpu_count(), "versions": versions, "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 

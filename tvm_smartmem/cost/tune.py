@@ -99,8 +99,7 @@ def extract(mod: tvm.IRModule, variables: list, func_name: str = "main"
     """A module whose ``main`` computes just ``variables``' bindings; its parameters are what
     they read from outside, its results what the rest of the graph reads from them.  Returns
     the module and old var -> new var."""
-    from ..transform.eliminate_layout import _replace
-    from ..transform.partition import Block, substitute
+    from ..transform.partition import Block, replace_function, substitute
 
     func = mod[func_name]
     block = Block.of(func)
@@ -130,7 +129,7 @@ def extract(mod: tvm.IRModule, variables: list, func_name: str = "main"
                 relax.Tuple([mapping[r] for r in results])
             out = bb.emit_output(value)
         bb.emit_func_output(out)
-    sub = _replace(bb.get(), tmp, func_name, {"global_symbol": func_name}, mod)
+    sub = replace_function(bb.get(), tmp, func_name, {"global_symbol": func_name}, mod)
     sub = relax.transform.DeadCodeElimination([func_name])(sub)
     return sub, mapping
 

@@ -40,7 +40,7 @@ from tvm import relax, tirx
 
 from ..analysis.classify import MappingType
 from ..analysis.ecg import ECG, Node, build_ecg
-from .partition import Block, substitute
+from .partition import Block, replace_function, substitute
 
 PLAN_ATTR = "smartmem.layout_plan"
 CONSUMER, PRODUCER, KEEP = "consumer", "producer", "keep"
@@ -177,7 +177,7 @@ def duplicate_per_consumer(mod: tvm.IRModule, func_name: str = "main") -> tvm.IR
             result = substitute(result, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    return _replace(bb.get(), tmp, func_name, attrs, mod)
+    return replace_function(bb.get(), tmp, func_name, attrs, mod)
 
 
 def _emit(bb, old_var, value):
@@ -264,20 +264,7 @@ def _tag_for_folding(mod: tvm.IRModule, func_name: str, names: set[str],
             result = substitute(func.body.body, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    return _replace(bb.get(), tmp, func_name, attrs, mod)
-
-
-def _replace(built: tvm.IRModule, tmp: str, func_name: str, attrs: dict,
-             mod: tvm.IRModule) -> tvm.IRModule:
-    """``built`` with the function ``tmp`` renamed to ``func_name`` (replacing the old one)."""
-    functions = {}
-    for gvar, f in built.functions_items():
-        if gvar.name_hint == tmp:
-            functions[tvm.ir.GlobalVar(func_name)] = f.with_attr("global_symbol", func_name) \
-                if "global_symbol" in attrs else f.without_attr("global_symbol")
-        elif gvar.name_hint != func_name:
-            functions[gvar] = f
-    return tvm.IRModule(functions, attrs=mod.attrs)
+    return replace_function(bb.get(), tmp, func_name, attrs, mod)
 
 
 def _reshape_views(ecg: ECG, decisions: dict[str, str]) -> dict[str, tuple]:
@@ -335,7 +322,7 @@ def unique_names(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
             result = substitute(func.body.body, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    return _replace(bb.get(), tmp, func_name, attrs, mod)
+    return replace_function(bb.get(), tmp, func_name, attrs, mod)
 
 
 def EliminateLayoutTransforms(func_name: str = "main") -> tvm.transform.Pass:

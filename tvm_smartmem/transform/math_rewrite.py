@@ -53,7 +53,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..analysis.classify import OPAQUE, MappingType, classify_call
-from .partition import Block, is_single_block, substitute
+from .partition import Block, is_single_block, replace_function, substitute
 
 REWRITES_ATTR = "smartmem.rewrites"
 FLOPS_ATTR = "smartmem.flops_removed"
@@ -557,8 +557,6 @@ def _emit_nested(bb: relax.BlockBuilder, expr: relax.Expr, mapping: dict) -> rel
 
 
 def _apply(mod: tvm.IRModule, func_name: str, chosen: dict) -> tvm.IRModule:
-    from .eliminate_layout import _replace
-
     func = mod[func_name]
     block = Block.of(func)
     bb = relax.BlockBuilder(mod.clone())
@@ -581,7 +579,7 @@ def _apply(mod: tvm.IRModule, func_name: str, chosen: dict) -> tvm.IRModule:
             result = substitute(func.body.body, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    return _replace(bb.get(), tmp, func_name, attrs, mod)
+    return replace_function(bb.get(), tmp, func_name, attrs, mod)
 
 
 def rewrite_function(mod: tvm.IRModule, func_name: str = "main", max_rounds: int = 32,

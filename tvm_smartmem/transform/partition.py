@@ -186,13 +186,21 @@ def fuse_groups(
             result = substitute(func.body.body, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    built = bb.get()
-    # the rebuilt function takes the original's place (and name); nothing calls it by GlobalVar
+    return replace_function(bb.get(), tmp_name, func_name, func_attrs, mod)
+
+
+def replace_function(built: tvm.IRModule, tmp: str, func_name: str, attrs: dict,
+                     mod: tvm.IRModule) -> tvm.IRModule:
+    """``built`` with the function ``tmp`` renamed to ``func_name``, replacing the old one.
+
+    Passes rebuild a function under a temporary name (BlockBuilder will not reuse a taken
+    one); nothing calls it by GlobalVar, so it simply takes the original's place.  It stays
+    public (``global_symbol``) only when the original was."""
     functions = {}
     for gvar, f in built.functions_items():
-        if gvar.name_hint == tmp_name:
+        if gvar.name_hint == tmp:
             functions[tvm.ir.GlobalVar(func_name)] = f.with_attr("global_symbol", func_name) \
-                if "global_symbol" in func_attrs else f.without_attr("global_symbol")
+                if "global_symbol" in attrs else f.without_attr("global_symbol")
         elif gvar.name_hint != func_name:
             functions[gvar] = f
     return tvm.IRModule(functions, attrs=mod.attrs)
