@@ -156,7 +156,9 @@ def _measure_stage2(args: argparse.Namespace) -> None:
             shape = symbol.split("__")[0]
             a, b = data[shape]
             ref = np.matmul(a.astype("float64"), b.astype("float64")).astype("float32")
-            ta, tb = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(b, dev)
+            # `__nk` kernels (weight_layout_sweep.py) take the weight stored transposed
+            stored = np.ascontiguousarray(b.T) if symbol.endswith("__nk") else b
+            ta, tb = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(stored, dev)
             tc = tvm.runtime.tensor(np.zeros(ref.shape, "float32"), dev)
             try:
                 lib[symbol](ta, tb, tc)

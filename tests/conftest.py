@@ -19,13 +19,19 @@ LLVM = tvm.target.Target("llvm")
 os.environ.setdefault("TVM_SMARTMEM_PROFILE_DB", "none")
 
 
-def run_vm(ex, args: Sequence[np.ndarray], dev=None) -> list[np.ndarray]:
-    from tvm_smartmem.measure.runner import flatten_outputs
+def run_vm(ex, args: Sequence[np.ndarray], dev=None,
+           params: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+    """Run ``main`` on ``args`` (inputs) and ``params`` (weights, through the load-time weight
+    function when the pipeline made one)."""
+    from tvm_smartmem.measure.runner import flatten_outputs, prepare_weights
 
     dev = dev or tvm.cpu()
     vm = tvm.relax.VirtualMachine(ex, dev)
-    return flatten_outputs(vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev)
-                                         for a in args]))
+
+    def up(arrays):
+        return [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+
+    return flatten_outputs(vm["main"](*up(args), *prepare_weights(vm, up(params))))
 
 
 def assert_matches(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:

@@ -33,7 +33,9 @@ def test_compile_writes_library_weights_and_description(compiled):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["pipeline"] == "smartmem" and meta["device"] == "cpu"
     assert meta["inputs"] == [{"name": "x", "shape": [1, 32, 64], "dtype": "float32"}]
-    assert meta["stats"]["kernels"] == 11  # smartmem: the 4 data-movement kernels are gone
+    # smartmem: the 4 data-movement kernels are gone and q / k / v are one GEMM
+    assert meta["stats"]["kernels"] == 9 and meta["stats"]["data_movement_kernels"] == 0
+    assert meta["stats"]["load_time_kernels"] > 0  # the concatenated weights, built at load
     with np.load(out.with_suffix(".params.npz")) as params:
         assert len(params.files) == meta["num_params"] == 17
     assert "data_movement_kernels" in stdout and "kernels" in stdout
@@ -96,7 +98,7 @@ def test_report_table(cli):
     row = next(line for line in stdout.splitlines() if line.startswith("data-movement kernels"))
     assert row.split()[-2:] == ["4", "0"]
     row = next(line for line in stdout.splitlines() if line.startswith("kernels (launches)"))
-    assert row.split()[-2:] == ["15", "11"]
+    assert row.split()[-2:] == ["15", "9"]  # q / k / v combined into one GEMM
 
 
 @pytest.mark.parametrize(

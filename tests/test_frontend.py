@@ -26,7 +26,7 @@ def test_builtin_models_match_onnxruntime(name):
     mod, params = frontend.from_onnx(model)
     inputs = models.random_inputs(model, seed=1)
     ref = numerics.onnxruntime_reference(model, inputs)
-    outs = run_vm(_compile(mod), [*inputs.values(), *params])
+    outs = run_vm(_compile(mod), list(inputs.values()), params=params)
     assert_matches(outs, ref)
 
 
@@ -88,7 +88,7 @@ def test_symbolic_batch_from_file_runs_several_batch_sizes():
         inputs = models.random_inputs(model, seed=batch, dims={"batch": batch})
         ref = numerics.onnxruntime_reference(model, inputs)
         assert ref[0].shape[0] == batch
-        assert_matches(run_vm(ex, [*inputs.values(), *params]), ref)
+        assert_matches(run_vm(ex, list(inputs.values()), params=params), ref)
 
 
 def test_shape_dict_makes_a_static_dim_symbolic_and_validates():

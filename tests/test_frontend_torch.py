@@ -38,7 +38,7 @@ def test_torch_export_route_matches_eager():
     with torch.no_grad():
         ref = module(x).numpy()
     ex = tvm.compile(mod, LLVM, relax_pipeline=baseline(LLVM))
-    assert_matches(run_vm(ex, [x.numpy(), *params]), [ref])
+    assert_matches(run_vm(ex, [x.numpy()], params=params), [ref])
 
 
 def test_torch_export_route_rejects_a_plain_module():

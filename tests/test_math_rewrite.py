@@ -282,7 +282,7 @@ def test_bert_attention_scale_moves_to_the_queries():
     assert counts.get("scalar_through_matmul", 0) >= 1 and saved > 0
     inputs = models.random_inputs(model, seed=5)
     ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))
-    assert_matches(run_vm(ex, [*inputs.values(), *params]),
+    assert_matches(run_vm(ex, list(inputs.values()), params=params),
                    numerics.onnxruntime_reference(model, inputs))
 
 

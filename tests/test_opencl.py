@@ -19,7 +19,7 @@ from conftest import assert_matches
 from tvm import relax, te, topi
 
 from tvm_smartmem import errors, frontend, models, numerics, targets
-from tvm_smartmem.measure import LocalRunner, RPCRunner
+from tvm_smartmem.measure import LocalRunner, RPCRunner, prepare_weights
 from tvm_smartmem.runtime import opencl
 
 OPENCL = targets.get("opencl")
@@ -109,7 +109,8 @@ def test_onnx_model_through_the_vm(dev, name):
     ex = tvm.compile(mod, OPENCL, relax_pipeline="smartmem")
     inputs = models.random_inputs(model, seed=5)
     vm = relax.VirtualMachine(ex, dev)
-    out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in [*inputs.values(), *params]])
+    weights = prepare_weights(vm, [tvm.runtime.tensor(a, dev) for a in params])
+    out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in inputs.values()], *weights)
     assert_matches([out.numpy()], numerics.onnxruntime_reference(model, inputs))
 
 

@@ -57,7 +57,7 @@ def test_groups_become_primitive_functions_and_one_kernel_each():
     assert (s.kernels, s.data_movement_kernels) == (11, 0)
     inputs = models.random_inputs(model, seed=2)
     lowered = tvm.compile(relax.transform.FuseTIR()(fused), LLVM)
-    assert_matches(run_vm(lowered, [*inputs.values(), *params]),
+    assert_matches(run_vm(lowered, list(inputs.values()), params=params),
                    numerics.onnxruntime_reference(model, inputs))
 
 

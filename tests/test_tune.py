@@ -35,7 +35,7 @@ def test_tune_fills_the_database_and_the_pipeline_answers_from_it(tmp_path, monk
 
     ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))
     inputs = models.random_inputs(model, seed=2)
-    assert_matches(run_vm(ex, [*inputs.values(), *params]),
+    assert_matches(run_vm(ex, list(inputs.values()), params=params),
                    numerics.onnxruntime_reference(model, inputs))
 
 

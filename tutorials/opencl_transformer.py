@@ -59,7 +59,11 @@ ex = tvm.compile(mod, targets.get("opencl"), relax_pipeline="smartmem")
 # -------------------
 inputs = models.random_inputs(onnx_model, seed=1)
 vm = relax.VirtualMachine(ex, dev)
-out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in [*inputs.values(), *params]])
+# The pipeline moved weight-only work (the concatenated Q/K/V weight of the combined
+# projections, transposed weights) into a load-time function: run it once per loaded model,
+# then call ``main`` with the weights it returns.
+weights = vm["main_transform_params"](*[tvm.runtime.tensor(p, dev) for p in params])
+out = vm["main"](*[tvm.runtime.tensor(a, dev) for a in inputs.values()], *weights)
 ok, err = numerics.compare([out.numpy()], numerics.onnxruntime_reference(onnx_model, inputs))
 print(f"matches ONNX Runtime: {ok} (max scale-normalised error {err:.1e})")
 assert ok

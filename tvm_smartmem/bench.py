@@ -126,7 +126,9 @@ def bench_one(model: str, mod, target: str, pipeline: str, inputs: dict, params:
         return row
     row.update(stats.summary())
     row.update(compile_seconds=round(secs, 2), flops_removed=facts.get("flops_removed", 0),
-               rewrites=facts.get("rewrites", {}))
+               rewrites=facts.get("rewrites", {}),
+               combined_matmuls=facts.get("combined_matmuls", 0),
+               weight_layout=facts.get("weight_layout"))
     if runner is None:
         row["latency"] = None
         row["not_measured"] = why_not

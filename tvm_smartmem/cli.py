@@ -392,10 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", default="llvm", help="comma-separated " + target_help)
     b.add_argument("--pipelines", default="baseline,smartmem",
                    help="comma-separated: baseline, smartmem, smartmem:STAGE[+STAGE] "
-                   "(stages: fusion, layout, tir, rewrite, schedule)")
+                   "(stages: fusion, layout, tir, rewrite, weights, schedule)")
     b.add_argument("--ablation", action="store_true",
                    help="add the cumulative ablation: smartmem with fusion, +layout, +tir, "
-                   "+rewrite (the full pipeline adds the measured GEMM knobs)")
+                   "+rewrite, +weights (the full pipeline adds the measured GEMM knobs)")
     b.add_argument("--repeat", type=int, default=5, help="timed repeats (default 5)")
     b.add_argument("--number", type=int, default=3, help="calls per repeat (default 3)")
     b.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")

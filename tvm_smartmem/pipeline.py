@@ -8,9 +8,11 @@ one place what runs where.  ``tvm.compile(mod, target, relax_pipeline="smartmem"
 Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
-    graph               MathPropertyRewrite, ClassifyOperators, SplitToSlices
+    graph               MathPropertyRewrite, CombineParallelMatmuls, SelectLayouts (weights),
+                        LiftWeightTransforms (-> main_transform_params, run once at load),
+                        ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
-    layout              EliminateLayoutTransforms [-> SelectLayouts]   (decisions as attributes)
+    layout              EliminateLayoutTransforms                     (decisions as attributes)
     fuse                FusePlan (DNNFusion planner; FuseOps for the baseline), then FuseTIR
     tir                 InlineDataMovement, SimplifyIndices [, texture], then dlight schedules
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
@@ -66,14 +68,25 @@ def graph_passes(target: Target, smartmem: bool = True,
     if not smartmem:
         return []
     from .analysis.classify import ClassifyOperators
+    from .transform.combine_parallel_matmul import CombineParallelMatmuls
+    from .transform.lift_weight_transforms import LiftWeightTransforms
     from .transform.math_rewrite import MathPropertyRewrite
+    from .transform.select_layout import SelectLayouts
     from .transform.split_to_slices import SplitToSlices
 
     # batch_norm in inference is a per-channel affine map; decomposed, it has one output and
     # fuses like any elementwise op (its running-mean / variance outputs are dead weight)
     # rewriting first: classification and the layout plan see the graph that gets compiled
-    named = [("MathPropertyRewrite", MathPropertyRewrite), ("ClassifyOperators", ClassifyOperators),
-             ("SplitToSlices", SplitToSlices)]
+    # weight-only work (the combined projections' concatenated weights, transposed weights,
+    # folded scales) is lifted into the load-time function before anything is classified
+    # (SelectLayouts marks the re-laid weights for lifting, so it needs the lifting pass)
+    if "LiftWeightTransforms" in disable:
+        disable = disable | {"SelectLayouts"}
+    named = [("MathPropertyRewrite", MathPropertyRewrite),
+             ("CombineParallelMatmuls", CombineParallelMatmuls),
+             ("SelectLayouts", lambda: SelectLayouts(target)),
+             ("LiftWeightTransforms", LiftWeightTransforms),
+             ("ClassifyOperators", ClassifyOperators), ("SplitToSlices", SplitToSlices)]
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(), *_enabled(named, disable)]
 
@@ -130,7 +143,9 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 
 
 #: Every smartmem pass that ``disable`` can name.
-SMARTMEM_PASSES = ("MathPropertyRewrite", "ClassifyOperators", "SplitToSlices",
+SMARTMEM_PASSES = ("MathPropertyRewrite", "CombineParallelMatmuls", "SelectLayouts",
+                   "LiftWeightTransforms",
+                   "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "TunedMatmul")
 
@@ -143,12 +158,14 @@ STAGES: dict[str, tuple[str, ...]] = {
     "layout": ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransforms", "FusePlan"),
     "tir": ("InlineDataMovement", "SimplifyIndices"),
     "rewrite": ("MathPropertyRewrite",),
+    "weights": ("CombineParallelMatmuls", "SelectLayouts", "LiftWeightTransforms"),
     "schedule": ("TunedMatmul",),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
 #: (the measured GEMM knobs of ``TunedMatmul``).
-ABLATION = ("fusion", "fusion+layout", "fusion+layout+tir", "fusion+layout+tir+rewrite")
+ABLATION = ("fusion", "fusion+layout", "fusion+layout+tir", "fusion+layout+tir+rewrite",
+            "fusion+layout+tir+rewrite+weights")
 
 
 def only_stages(spec: str) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ class PipelineReport:
     rewrites: dict[str, int] = dataclasses.field(default_factory=dict)
     flops_removed: int = 0  # weighted FLOPs MathPropertyRewrite removed (per inference)
     opaque_ops: list[str] = dataclasses.field(default_factory=list)
+    combined_matmuls: int = 0  # GEMMs CombineParallelMatmuls merged away
+    weight_layout: str | None = None  # SelectLayouts' choice (KN / NK), None when it did not run
 
     @property
     def fusion_rate(self) -> float | None:
@@ -52,6 +54,8 @@ class PipelineReport:
         out["flops_removed"] = self.flops_removed
         out["rewrites"] = dict(self.rewrites)
         out["opaque_ops"] = list(self.opaque_ops)
+        out["combined_matmuls"] = self.combined_matmuls
+        out["weight_layout"] = self.weight_layout
         out["compile_seconds"] = round(self.compile_seconds, 3)
         out["max_error_vs_onnxruntime"] = self.max_error
         out["matches_onnxruntime"] = self.matches_reference
@@ -72,8 +76,11 @@ def resolve_model(spec: str | Path | onnx.ModelProto) -> tuple[str, onnx.ModelPr
 
 
 def pipeline_facts(lowered: tvm.IRModule) -> dict:
-    """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops."""
+    """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops,
+    GEMMs combined and the weight layout chosen."""
+    from .transform.combine_parallel_matmul import combined_of
     from .transform.math_rewrite import rewrites_of
+    from .transform.select_layout import layout_selection_of
 
     names = [gv.name_hint for gv in lowered.get_global_vars()]
     if "main" not in names:
@@ -82,7 +89,9 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
     counts, flops = rewrites_of(main)
     opaque = [str(o) for o in main.attrs["smartmem.opaque_ops"]] \
         if main.attrs and "smartmem.opaque_ops" in main.attrs else []
-    return {"rewrites": counts, "flops_removed": flops, "opaque_ops": opaque}
+    return {"rewrites": counts, "flops_removed": flops, "opaque_ops": opaque,
+            "combined_matmuls": combined_of(main),
+            "weight_layout": layout_selection_of(main).get("layout")}
 
 
 def pipeline_pass(pipeline: str, target: tvm.target.Target) -> tvm.transform.Pass:
@@ -188,6 +197,9 @@ _ROWS = [
     ("zero_copy_views", "zero-copy views"),
     ("fusion_rate", "fusion rate (ops per kernel)"),
     ("flops_removed", "FLOPs removed by rewriting"),
+    ("combined_matmuls", "GEMMs combined (q/k/v...)"),
+    ("weight_layout", "weight layout"),
+    ("load_time_kernels", "load-time kernels (once)"),
     ("opaque_ops", "opaque operators"),
     ("compile_seconds", "compile time (s)"),
     ("max_error_vs_onnxruntime", "max error vs ONNX Runtime"),

@@ -30,6 +30,10 @@ What is counted
 ``data_movement_bytes``
     Bytes read plus bytes written by the data-movement kernel launches (from the call sites'
     tensor shapes; launches with symbolic shapes are counted in ``unsized_data_movement``).
+``load_time_kernels``
+    Kernel launches of the load-time weight functions (``main_transform_params``, see
+    ``transform.lift_weight_transforms``): they run once per loaded model, so they are counted
+    apart and none of the per-inference counters above includes them.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class ModuleStats:
     data_movement_bytes: int
     unsized_data_movement: int
     kernel_table: list[KernelStats]
+    load_time_kernels: int = 0
 
     @property
     def num_layout_ops(self) -> int:
@@ -140,6 +145,7 @@ class ModuleStats:
             "zero_copy_views": self.zero_copy_views,
             "data_movement_bytes": self.data_movement_bytes,
             "unsized_data_movement_kernels": self.unsized_data_movement,
+            "load_time_kernels": self.load_time_kernels,
         }
 
     def to_dict(self) -> dict:
@@ -368,10 +374,13 @@ def _has_vm_alloc(func: relax.Function) -> bool:
 
 def collect(mod: tvm.IRModule) -> ModuleStats:
     """Count what ``mod`` holds as it is (it is not compiled or changed)."""
+    from ..transform.lift_weight_transforms import is_load_time
+
     c = _Collector(mod)
-    for _, func in mod.functions_items():
+    load = _Collector(mod)
+    for gv, func in mod.functions_items():
         if isinstance(func, relax.Function) and not _is_primitive(func):
-            c.visit_function(func)
+            (load if is_load_time(gv.name_hint) else c).visit_function(func)
     # Once every compute op has become a kernel, the reshapes still standing are views that the
     # VM executes without a kernel (RewriteDataflowReshape put them back on purpose).
     legalized = bool(c.kernels) and set(c.ops) <= {"relax.reshape"}
@@ -389,4 +398,5 @@ def collect(mod: tvm.IRModule) -> ModuleStats:
         data_movement_bytes=sum(b for _, b in dm_launches if b is not None),
         unsized_data_movement=sum(1 for _, b in dm_launches if b is None),
         kernel_table=sorted(c.kernels.values(), key=lambda k: (-k.launches, k.name)),
+        load_time_kernels=len(load.launch_bytes),
     )

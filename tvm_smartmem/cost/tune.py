@@ -99,6 +99,7 @@ def extract(mod: tvm.IRModule, variables: list, func_name: str = "main"
     """A module whose ``main`` computes just ``variables``' bindings; its parameters are what
     they read from outside, its results what the rest of the graph reads from them.  Returns
     the module and old var -> new var."""
+    from ..transform.lift_weight_transforms import is_load_time
     from ..transform.partition import Block, replace_function, substitute
 
     func = mod[func_name]
@@ -130,6 +131,9 @@ def extract(mod: tvm.IRModule, variables: list, func_name: str = "main"
             out = bb.emit_output(value)
         bb.emit_func_output(out)
     sub = replace_function(bb.get(), tmp, func_name, {"global_symbol": func_name}, mod)
+    for gv in list(sub.get_global_vars()):  # the candidate takes no weights to transform
+        if is_load_time(gv.name_hint):
+            del sub[gv]
     sub = relax.transform.DeadCodeElimination([func_name])(sub)
     return sub, mapping
 

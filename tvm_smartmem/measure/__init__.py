@@ -7,6 +7,15 @@ Reported: median, min, max, mean and std over the repeats, in milliseconds per c
 optional per-kernel profile (one extra run with the device synchronised around every kernel).
 """
 
-from .runner import KernelTime, LocalRunner, RPCRunner, RunResult, get_device, load_runnable
+from .runner import (
+    KernelTime,
+    LocalRunner,
+    RPCRunner,
+    RunResult,
+    get_device,
+    load_runnable,
+    prepare_weights,
+)
 
-__all__ = ["KernelTime", "LocalRunner", "RPCRunner", "RunResult", "get_device", "load_runnable"]
+__all__ = ["KernelTime", "LocalRunner", "RPCRunner", "RunResult", "get_device", "load_runnable",
+           "prepare_weights"]
