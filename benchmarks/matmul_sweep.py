@@ -248,8 +248,14 @@ def report(args: argparse.Namespace) -> None:
         table[target_name] = {"config": config, "measured": f"benchmarks/results/{stem}.json",
                               "geomean_speedup": round(geo, 3),
                               "device": data["machine"]["cuda_device"]}
-    md += [f"Reproduce: `{args.command}`", ""]
-    (out_dir / f"{stem}.md").write_text("\n".join(md))
+    write_report(out_dir / f"{stem}.md", md, args.command, table_path, table)
+
+
+def write_report(md_path: Path, md: list[str], command: str, table_path: Path,
+                 table: dict) -> None:
+    """The markdown (with the command that made it) and the updated knob table, both shown."""
+    md = [*md, f"Reproduce: `{command}`", ""]
+    md_path.write_text("\n".join(md))
     table_path.write_text(json.dumps(table, indent=2) + "\n")
     print("\n".join(md))
     print(f"wrote {table_path}")

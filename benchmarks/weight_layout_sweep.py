@@ -130,11 +130,7 @@ def report(args: argparse.Namespace) -> None:
         entry["weight_layout"] = layout
         entry["weight_layout_measured"] = f"benchmarks/results/{args.name}.json"
         entry["weight_layout_nk_speedup"] = round(geo, 3)
-    md += [f"Reproduce: `{args.command}`", ""]
-    (out_dir / f"{args.name}.md").write_text("\n".join(md))
-    table_path.write_text(json.dumps(table, indent=2) + "\n")
-    print("\n".join(md))
-    print(f"wrote {table_path}")
+    ms.write_report(out_dir / f"{args.name}.md", md, args.command, table_path, table)
 
 
 def main() -> None:

@@ -215,10 +215,10 @@ def _is_const(value) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _tensor_bytes(ty) -> int | None:
+def tensor_bytes(ty) -> int | None:
     """Bytes of a tensor (or tuple of tensors) type; None when a dim is symbolic or unknown."""
     if isinstance(ty, relax.TupleType):
-        sizes = [_tensor_bytes(f) for f in ty.fields]
+        sizes = [tensor_bytes(f) for f in ty.fields]
         return None if any(s is None for s in sizes) else sum(sizes)
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
@@ -240,14 +240,14 @@ def _call_bytes(args: Iterable, out_ty) -> int | None:
         if isinstance(a, relax.Tuple):
             b = _call_bytes(a.fields, None)
         elif isinstance(a.ty, (relax.TensorType, relax.TupleType)):
-            b = _tensor_bytes(a.ty)
+            b = tensor_bytes(a.ty)
         else:
             continue
         if b is None:
             return None
         total += b
     if out_ty is not None:
-        b = _tensor_bytes(out_ty)
+        b = tensor_bytes(out_ty)
         if b is None:
             return None
         total += b

@@ -34,25 +34,17 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .partition import Block, is_single_block, replace_function, substitute
+from .math_rewrite import op_of, scalar_value, shape_of
+from .partition import (
+    Block,
+    bind_like,
+    function_attrs,
+    is_single_block,
+    rebuild_function,
+    substitute,
+)
 
 COMBINED_ATTR = "smartmem.combined_matmuls"
-
-
-def _op(value) -> str | None:
-    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-        return value.op.name
-    return None
-
-
-def _dims(expr) -> list[int] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    values = getattr(ty.shape, "values", None)
-    if values is None or any(not isinstance(d, tvm.tirx.IntImm) for d in values):
-        return None
-    return [int(d.value) for d in values]
 
 
 def weight_vars(func: relax.Function, block: Block) -> set:
@@ -74,11 +66,6 @@ def _is_weight(expr, weights: set) -> bool:
     if isinstance(expr, tvm.ir.GenericConst):
         return True
     return isinstance(expr, relax.Var) and expr in weights
-
-
-def _scalar_constant(expr) -> bool:
-    return isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.ty, relax.TensorType) \
-        and expr.value.numpy().size == 1
 
 
 @dataclasses.dataclass
@@ -111,28 +98,28 @@ def _other(call: relax.Call, var: relax.Var):
 def find_branch(block: Block, i: int, weights: set) -> Branch | None:
     """The combinable chain starting at binding ``i`` (a matmul by a 2-D weight), or None."""
     b = block.bindings[i]
-    if _op(b.value) != "relax.matmul":
+    if op_of(b.value) != "relax.matmul":
         return None
     x, w = b.value.args
-    xd, wd = _dims(x), _dims(w)
+    xd, wd = shape_of(x), shape_of(w)
     if not isinstance(x, relax.Var) or x in weights or not _is_weight(w, weights) \
             or xd is None or wd is None or len(wd) != 2 or len(xd) < 2:
         return None
     n = wd[1]
     members, out, bias, scale = [i], b.var, None, None
     nxt = _single_next(block, i)
-    if nxt is not None and _op(block.bindings[nxt].value) == "relax.add":
+    if nxt is not None and op_of(block.bindings[nxt].value) == "relax.add":
         other = _other(block.bindings[nxt].value, out)
-        od = _dims(other) if other is not None else None
+        od = shape_of(other) if other is not None else None
         if other is not None and _is_weight(other, weights) and od is not None \
-                and od[-1:] == [n] and all(d == 1 for d in od[:-1]) \
+                and od[-1:] == (n,) and all(d == 1 for d in od[:-1]) \
                 and len(od) <= len(xd):
             bias, out = other, block.bindings[nxt].var
             members.append(nxt)
             nxt = _single_next(block, nxt)
-    if nxt is not None and _op(block.bindings[nxt].value) == "relax.multiply":
+    if nxt is not None and op_of(block.bindings[nxt].value) == "relax.multiply":
         other = _other(block.bindings[nxt].value, out)
-        if other is not None and _scalar_constant(other) and \
+        if other is not None and scalar_value(other) is not None and \
                 other.ty.dtype == b.var.ty.dtype:
             scale, out = other, block.bindings[nxt].var
             members.append(nxt)
@@ -141,7 +128,7 @@ def find_branch(block: Block, i: int, weights: set) -> Branch | None:
 
 def _key(block: Block, br: Branch) -> tuple:
     call = block.bindings[br.members[0]].value
-    return (br.x, _dims(br.weight)[0], br.weight.ty.dtype, str(call.attrs.out_dtype))
+    return (br.x, shape_of(br.weight)[0], br.weight.ty.dtype, str(call.attrs.out_dtype))
 
 
 def find_groups(func: relax.Function) -> list[list[Branch]]:
@@ -173,7 +160,7 @@ def _combined(bb: relax.BlockBuilder, group: list[Branch], block: Block, mapping
                 b = relax.const(np.zeros([br.n], dtype=dtype), dtype)
             else:
                 b = m(br.bias)
-                if len(_dims(br.bias)) != 1:
+                if len(shape_of(br.bias)) != 1:
                     b = bb.emit(relax.op.reshape(b, [br.n]))
                 if br.scale is not None:
                     b = bb.emit(relax.op.multiply(b, br.scale))
@@ -183,14 +170,11 @@ def _combined(bb: relax.BlockBuilder, group: list[Branch], block: Block, mapping
     y = bb.emit(relax.op.matmul(m(group[0].x), weight, out_dtype=first.attrs.out_dtype))
     if bs:
         y = bb.emit(relax.op.add(y, bb.emit(relax.op.concat(bs, axis=0))))
-    axis = len(_dims(group[0].x)) - 1
+    axis = len(shape_of(group[0].x)) - 1
     begin = 0
     for br in group:
         value = relax.op.strided_slice(y, axes=[axis], begin=[begin], end=[begin + br.n])
-        if isinstance(br.out, relax.DataflowVar):
-            mapping[br.out] = bb.emit(value, name_hint=br.out.name)
-        else:
-            mapping[br.out] = bb.emit_output(value, name_hint=br.out.name)
+        bind_like(bb, br.out, value, mapping)
         begin += br.n
 
 
@@ -210,29 +194,19 @@ def combine_function(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule
     # exist where the combined GEMM is emitted, at the first branch's place
     order = [i for i, b in enumerate(block.bindings) if b.var in weights] + \
         [i for i, b in enumerate(block.bindings) if b.var not in weights]
-    bb = relax.BlockBuilder(mod.clone())
-    mapping: dict = {}
-    tmp = f"{func_name}__smartmem_combine"
-    attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
+    attrs = function_attrs(func)
     removed = sum(len(g) - 1 for g in groups)
     attrs[COMBINED_ATTR] = tvm.tirx.IntImm("int64", removed + _combined_before(func))
-    with bb.function(tmp, list(func.params), attrs=attrs):
-        with bb.dataflow():
-            for i in order:
+
+    def emit(bb: relax.BlockBuilder, mapping: dict) -> None:
+        for i in order:
+            if i in start:
+                _combined(bb, start[i], block, mapping)
+            if i not in skipped:
                 b = block.bindings[i]
-                if i in start:
-                    _combined(bb, start[i], block, mapping)
-                if i in skipped:
-                    continue
-                value = substitute(b.value, mapping)
-                if isinstance(b.var, relax.DataflowVar):
-                    mapping[b.var] = bb.emit(value, name_hint=b.var.name)
-                else:
-                    mapping[b.var] = bb.emit_output(value, name_hint=b.var.name)
-            result = substitute(func.body.body, mapping)
-            gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
-        bb.emit_func_output(gv)
-    return replace_function(bb.get(), tmp, func_name, attrs, mod)
+                bind_like(bb, b.var, substitute(b.value, mapping), mapping)
+
+    return rebuild_function(mod, func_name, "combine", emit, attrs)
 
 
 def _combined_before(func: relax.Function) -> int:

@@ -29,16 +29,9 @@ WEIGHT_BYTES_ATTR = "smartmem.weight_bytes"
 
 
 def _weight_bytes(params) -> int:
-    total = 0
-    for p in params:
-        ty = p.ty
-        if isinstance(ty, relax.TensorType) and ty.shape is not None and all(
-                isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
-            n = 1
-            for d in ty.shape.values:
-                n *= int(d)
-            total += n * tvm.DataType(str(ty.dtype)).bits // 8
-    return total
+    from ..analysis.stats import tensor_bytes
+
+    return sum(tensor_bytes(p.ty) or 0 for p in params)
 
 
 def _computed(func: relax.Function) -> int:

@@ -53,7 +53,7 @@ import tvm
 from tvm import relax, tirx
 
 from ..analysis.classify import OPAQUE, MappingType, classify_call
-from .partition import Block, is_single_block, replace_function, substitute
+from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
 
 REWRITES_ATTR = "smartmem.rewrites"
 FLOPS_ATTR = "smartmem.flops_removed"
@@ -557,29 +557,19 @@ def _emit_nested(bb: relax.BlockBuilder, expr: relax.Expr, mapping: dict) -> rel
 
 
 def _apply(mod: tvm.IRModule, func_name: str, chosen: dict) -> tvm.IRModule:
-    func = mod[func_name]
-    block = Block.of(func)
-    bb = relax.BlockBuilder(mod.clone())
-    mapping: dict = {}
-    tmp = f"{func_name}__smartmem_rewrite"
-    attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
-    with bb.function(tmp, list(func.params), attrs=attrs):
-        with bb.dataflow():
-            for b in block.bindings:
-                rewrite = chosen.get(b.var)
-                value = _emit_nested(bb, rewrite.expr, mapping) if rewrite \
-                    else substitute(b.value, mapping)
-                if isinstance(b.var, relax.DataflowVar):
-                    if isinstance(value, relax.Var):
-                        mapping[b.var] = value  # an identity: uses read the source
-                        continue
-                    mapping[b.var] = bb.emit(value, name_hint=b.var.name)
-                else:
-                    mapping[b.var] = bb.emit_output(value, name_hint=b.var.name)
-            result = substitute(func.body.body, mapping)
-            gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
-        bb.emit_func_output(gv)
-    return replace_function(bb.get(), tmp, func_name, attrs, mod)
+    block = Block.of(mod[func_name])
+
+    def emit(bb: relax.BlockBuilder, mapping: dict) -> None:
+        for b in block.bindings:
+            rewrite = chosen.get(b.var)
+            value = _emit_nested(bb, rewrite.expr, mapping) if rewrite \
+                else substitute(b.value, mapping)
+            if isinstance(b.var, relax.DataflowVar) and isinstance(value, relax.Var):
+                mapping[b.var] = value  # an identity: uses read the source
+                continue
+            bind_like(bb, b.var, value, mapping)
+
+    return rebuild_function(mod, func_name, "rewrite", emit)
 
 
 def rewrite_function(mod: tvm.IRModule, func_name: str = "main", max_rounds: int = 32,

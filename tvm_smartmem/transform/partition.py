@@ -15,7 +15,7 @@ outputs are its members used outside it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tvm
 from tvm import relax
@@ -170,23 +170,42 @@ def fuse_groups(
     split = {ids[n]: v for n, v in split.items()}
     order = _topo_order(block, node_of, len(ids))
 
+    def emit(bb: relax.BlockBuilder, mapping: dict) -> None:
+        for n in order:
+            if n not in members:
+                i = next(i for i, k in enumerate(node_of) if k == n)
+                _emit_binding(bb, block.bindings[i], block, mapping)
+            else:
+                _emit_group(bb, block, members[n], mapping, name_prefix, attrs or {}, split[n])
+
+    return rebuild_function(mod, func_name, "partitioned", emit)
+
+
+def function_attrs(func: relax.Function) -> dict:
+    return {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
+
+
+def rebuild_function(mod: tvm.IRModule, func_name: str, tag: str,
+                     emit: Callable[[relax.BlockBuilder, dict], None],
+                     attrs: dict | None = None) -> tvm.IRModule:
+    """``mod`` with ``func_name``'s single dataflow block re-emitted by ``emit(bb, mapping)``.
+
+    ``emit`` binds the new bindings and fills ``mapping`` (old var -> new var); the function's
+    result is read through it.  Same parameters; ``attrs`` replace the function's attributes
+    when given.  The passes that rewrite ``main`` (rewriting, horizontal fusion, layout
+    selection, partitioning) differ only in ``emit``."""
+    func = mod[func_name]
+    attrs = function_attrs(func) if attrs is None else attrs
     bb = relax.BlockBuilder(mod.clone())
     mapping: dict = {}
-    func_attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
-    tmp_name = f"{func_name}__smartmem_partitioned"
-    with bb.function(tmp_name, list(func.params), attrs=func_attrs):
+    tmp = f"{func_name}__smartmem_{tag}"
+    with bb.function(tmp, list(func.params), attrs=attrs):
         with bb.dataflow():
-            for n in order:
-                if n not in members:
-                    i = next(i for i, k in enumerate(node_of) if k == n)
-                    _emit_binding(bb, block.bindings[i], block, mapping)
-                else:
-                    _emit_group(bb, block, members[n], mapping, name_prefix, attrs or {},
-                                split[n])
+            emit(bb, mapping)
             result = substitute(func.body.body, mapping)
             gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
         bb.emit_func_output(gv)
-    return replace_function(bb.get(), tmp_name, func_name, func_attrs, mod)
+    return replace_function(bb.get(), tmp, func_name, attrs, mod)
 
 
 def replace_function(built: tvm.IRModule, tmp: str, func_name: str, attrs: dict,
@@ -207,11 +226,7 @@ def replace_function(built: tvm.IRModule, tmp: str, func_name: str, attrs: dict,
 
 
 def _emit_binding(bb, binding, block: Block, mapping: dict) -> None:
-    value = substitute(binding.value, mapping)
-    if isinstance(binding.var, relax.DataflowVar):
-        mapping[binding.var] = bb.emit(value, name_hint=binding.var.name)
-    else:
-        mapping[binding.var] = bb.emit_output(value, name_hint=binding.var.name)
+    bind_like(bb, binding.var, substitute(binding.value, mapping), mapping)
 
 
 def _emit_group(bb, block: Block, idx: list[int], mapping: dict, prefix: str,
@@ -277,14 +292,16 @@ def _emit_group(bb, block: Block, idx: list[int], mapping: dict, prefix: str,
             else v for v in inputs]
     call = relax.Call(callee, args)
     if len(outputs) == 1:
-        _bind_output(bb, block.bindings[outputs[0]].var, call, mapping)
+        bind_like(bb, block.bindings[outputs[0]].var, call, mapping)
     else:
         tup = bb.emit(call, name_hint=f"{name}_out")
         for k, i in enumerate(outputs):
-            _bind_output(bb, block.bindings[i].var, relax.TupleGetItem(tup, k), mapping)
+            bind_like(bb, block.bindings[i].var, relax.TupleGetItem(tup, k), mapping)
 
 
-def _bind_output(bb, old_var, value, mapping: dict) -> None:
+def bind_like(bb, old_var, value, mapping: dict) -> None:
+    """Bind ``value`` under ``old_var``'s name and kind (dataflow-local or block output) and
+    record the new variable in ``mapping``."""
     if isinstance(old_var, relax.DataflowVar):
         mapping[old_var] = bb.emit(value, name_hint=old_var.name)
     else:

@@ -28,7 +28,6 @@ re-laid, weights kept, copy bytes).  Functions without ``num_input`` (no weights
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -36,8 +35,10 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
+from ..analysis.stats import tensor_bytes
 from .combine_parallel_matmul import weight_vars
-from .partition import Block, is_single_block, replace_function, substitute
+from .math_rewrite import shape_of
+from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
 
 SELECTION_ATTR = "smartmem.layout_selection"
 LAYOUTS = ("KN", "NK")
@@ -58,11 +59,6 @@ def weight_layout(target: Target) -> str:
     return layout if layout in LAYOUTS else "KN"
 
 
-def _bytes(ty) -> int:
-    dims = [int(d) for d in ty.shape.values]
-    return math.prod(dims) * tvm.DataType(str(ty.dtype)).bits // 8
-
-
 def _weight_matmuls(block: Block, weights: set) -> list[int]:
     """Bindings ``x @ w`` whose ``w`` is a 2-D weight with static shape."""
     found = []
@@ -72,10 +68,9 @@ def _weight_matmuls(block: Block, weights: set) -> list[int]:
                 and v.op.name == "relax.matmul"):
             continue
         w = v.args[1]
-        ty = w.ty
+        shape = shape_of(w)
         if isinstance(w, relax.Var) and w in weights and v.args[0] not in weights \
-                and isinstance(ty, relax.TensorType) and ty.ndim == 2 and ty.shape is not None \
-                and all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+                and shape is not None and len(shape) == 2:
             found.append(i)
     return found
 
@@ -101,28 +96,19 @@ def select_function(mod: tvm.IRModule, layout: str, func_name: str = "main") -> 
         readers = [j for j, b in enumerate(block.bindings)
                    if w in relax.analysis.free_vars(b.value)]
         if any(j not in chosen for j in readers) or w in block.output_vars:
-            record["copy_bytes"] += _bytes(w.ty)
-    bb = relax.BlockBuilder(mod.clone())
-    mapping: dict = {}
-    tmp = f"{func_name}__smartmem_layout"
-    with bb.function(tmp, list(func.params), attrs=attrs):
-        with bb.dataflow():
-            for i, b in enumerate(block.bindings):
-                value = substitute(b.value, mapping)
-                if i in chosen:
-                    x, w = value.args
-                    stored = bb.emit(relax.op.permute_dims(w, [1, 0]))  # lifted: load time
-                    kept = bb.emit(relax.op.builtin.stop_lift_params(stored))
-                    read = bb.emit(relax.op.permute_dims(kept, [1, 0]))  # folded into loads
-                    value = relax.Call(value.op, [x, read], value.attrs, value.ty_args)
-                if isinstance(b.var, relax.DataflowVar):
-                    mapping[b.var] = bb.emit(value, name_hint=b.var.name)
-                else:
-                    mapping[b.var] = bb.emit_output(value, name_hint=b.var.name)
-            result = substitute(func.body.body, mapping)
-            gv = bb.emit_output(result) if not isinstance(result, relax.Var) else result
-        bb.emit_func_output(gv)
-    out = replace_function(bb.get(), tmp, func_name, attrs, mod)
+            record["copy_bytes"] += tensor_bytes(w.ty)
+    def emit(bb: relax.BlockBuilder, mapping: dict) -> None:
+        for i, b in enumerate(block.bindings):
+            value = substitute(b.value, mapping)
+            if i in chosen:
+                x, w = value.args
+                stored = bb.emit(relax.op.permute_dims(w, [1, 0]))  # lifted: load time
+                kept = bb.emit(relax.op.builtin.stop_lift_params(stored))
+                read = bb.emit(relax.op.permute_dims(kept, [1, 0]))  # folded into loads
+                value = relax.Call(value.op, [x, read], value.attrs, value.ty_args)
+            bind_like(bb, b.var, value, mapping)
+
+    out = rebuild_function(mod, func_name, "layout", emit, attrs)
     return _with_record(out, func_name, out[func_name], record)
 
 
