@@ -6,6 +6,7 @@ hypothesis."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tvm
 from conftest import LLVM, assert_matches, run_vm
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +15,8 @@ from tvm import relax
 
 from tvm_smartmem import frontend, models, numerics
 from tvm_smartmem.analysis.stats import collect
+from tvm_smartmem.errors import ShapeMismatchError
+from tvm_smartmem.measure import LocalRunner
 from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.transform.combine_parallel_matmul import (
     CombineParallelMatmuls,
@@ -142,6 +145,16 @@ def test_bert_layer_loses_two_kernels_and_matches_onnxruntime():
     inputs = models.random_inputs(model, seed=3)
     assert_matches(run_vm(ex, list(inputs.values()), params=params),
                    numerics.onnxruntime_reference(model, inputs))
+
+
+def test_wrong_number_of_weights_is_a_clear_error():
+    model = models.bert_layer()
+    mod, params = frontend.from_onnx(model)
+    ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))
+    inputs = list(models.random_inputs(model).values())
+    with pytest.raises(ShapeMismatchError, match=f"takes {len(params)} weights, got "
+                       f"{len(params) - 1}"):
+        LocalRunner("cpu").outputs(ex, inputs, params[:-1])
 
 
 def test_transposed_weights_are_transposed_once_at_load_time():

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from ..errors import DeviceNotFoundError, SmartMemError
+from ..errors import DeviceNotFoundError, ShapeMismatchError, SmartMemError
 
 DEVICE_KINDS = ("cpu", "cuda", "opencl")
 
@@ -147,6 +147,10 @@ def prepare_weights(vm: Any, weights: Sequence[Any], func: str = "main") -> list
     name = f"{func}_transform_params"
     if not vm.module.implements_function(name):
         return list(weights)
+    expected = vm._get_function_arity(name)
+    if len(weights) != expected:  # otherwise a check deep inside the VM says it, tersely
+        raise ShapeMismatchError(f"the model takes {expected} weights, got {len(weights)} "
+                                 "(pass the weights the frontend returned, in order)")
     # the stateful interface is the one that also works over RPC; the outputs are read one
     # by one (VirtualMachine.get_outputs's recursive closure would keep the VM -- and an RPC
     # session with it -- alive until the next garbage collection)
