@@ -8,7 +8,8 @@ one place what runs where.  ``tvm.compile(mod, target, relax_pipeline="smartmem"
 Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
-    graph               MathPropertyRewrite, CombineParallelMatmuls, SelectLayouts (weights),
+    graph               MathPropertyRewrite, RecogniseRoll, CombineParallelMatmuls,
+                        SelectLayouts (weights),
                         LiftWeightTransforms (-> main_transform_params, run once at load),
                         ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
@@ -71,6 +72,7 @@ def graph_passes(target: Target, smartmem: bool = True,
     from .transform.combine_parallel_matmul import CombineParallelMatmuls
     from .transform.lift_weight_transforms import LiftWeightTransforms
     from .transform.math_rewrite import MathPropertyRewrite
+    from .transform.recognise_roll import RecogniseRoll
     from .transform.select_layout import SelectLayouts
     from .transform.split_to_slices import SplitToSlices
 
@@ -82,7 +84,7 @@ def graph_passes(target: Target, smartmem: bool = True,
     # (SelectLayouts marks the re-laid weights for lifting, so it needs the lifting pass)
     if "LiftWeightTransforms" in disable:
         disable = disable | {"SelectLayouts"}
-    named = [("MathPropertyRewrite", MathPropertyRewrite),
+    named = [("MathPropertyRewrite", MathPropertyRewrite), ("RecogniseRoll", RecogniseRoll),
              ("CombineParallelMatmuls", CombineParallelMatmuls),
              ("SelectLayouts", lambda: SelectLayouts(target)),
              ("LiftWeightTransforms", LiftWeightTransforms),
@@ -143,7 +145,8 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 
 
 #: Every smartmem pass that ``disable`` can name.
-SMARTMEM_PASSES = ("MathPropertyRewrite", "CombineParallelMatmuls", "SelectLayouts",
+SMARTMEM_PASSES = ("MathPropertyRewrite", "RecogniseRoll", "CombineParallelMatmuls",
+                   "SelectLayouts",
                    "LiftWeightTransforms",
                    "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
@@ -155,7 +158,8 @@ SMARTMEM_PASSES = ("MathPropertyRewrite", "CombineParallelMatmuls", "SelectLayou
 #: that ClassifyOperators attaches.
 STAGES: dict[str, tuple[str, ...]] = {
     "fusion": ("ClassifyOperators", "FusePlan"),
-    "layout": ("ClassifyOperators", "SplitToSlices", "EliminateLayoutTransforms", "FusePlan"),
+    "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll", "EliminateLayoutTransforms",
+               "FusePlan"),
     "tir": ("InlineDataMovement", "SimplifyIndices"),
     "rewrite": ("MathPropertyRewrite",),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "LiftWeightTransforms"),

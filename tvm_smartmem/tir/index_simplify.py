@@ -51,7 +51,11 @@ def _signed_div_mod(expr, analyzer: Analyzer) -> bool:
     """Whether ``expr`` divides (``//``, ``%``) a value that may be negative."""
     found: list = []
     tvm_ffi.structural_walk(expr, ((tirx.FloorDiv, tirx.FloorMod), found.append))
-    return any(not analyzer.can_prove(op.a >= 0) for op in found)
+    # the bound as well as the prover: ``can_prove`` simplifies first, and that drops a
+    # ``max(v, 0)`` whose guard makes it redundant (RecogniseRoll's selects) -- with it the
+    # bound, not the rewritten expression, is what knows the value is non-negative
+    return any(not analyzer.can_prove(op.a >= 0)
+               and analyzer.const_int_bound(op.a).min_value < 0 for op in found)
 
 
 def _simplify_block(block):
