@@ -99,6 +99,7 @@ def prepare(args: argparse.Namespace) -> None:
     (bundle / "models").mkdir(parents=True)
     names = zoo.resolve(args.models)
     pipelines = args.pipelines.split(",")
+    target_names = args.targets.split(",")
     manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "git_commit": git_commit(), "host": platform.node(),
                 "tvm": tvm.__version__, "seed": SEED, "pipelines": pipelines, "models": {}}
@@ -114,18 +115,21 @@ def prepare(args: argparse.Namespace) -> None:
                  "weight_names": weights, "builds": {}}
         onnx.save(_graph_with_weight_inputs(model, weights), str(out / "graph.onnx"))
         for pipeline in pipelines:
-            for target_name in TARGETS:
+            for target_name in target_names:
+                if target_name == "opencl-texture" and pipeline == "baseline":
+                    continue  # the generic GPU pipeline: the same build as baseline-opencl
                 tgt = targets.get(target_name)
                 ex, stats, secs = compile_with(mod, tgt, pipeline)
                 lib = out / f"{pipeline}-{target_name}.so"
                 ex.export_library(str(lib))
                 entry["builds"][f"{pipeline}-{target_name}"] = {
                     "library": lib.name, "target": str(tgt), "compile_seconds": round(secs, 1),
+                    "device": "cuda" if target_name == "cuda" else "opencl",
                     "stats": stats.summary(),
                 }
         manifest["models"][name] = entry
         print(f"[{i}/{len(names)}] {name}: {len(params)} weights, "
-              f"{len(pipelines) * len(TARGETS)} builds in {time.perf_counter() - t0:.0f} s",
+              f"{len(entry['builds'])} builds in {time.perf_counter() - t0:.0f} s",
               flush=True)
     finish_bundle(bundle, manifest)
 
@@ -294,7 +298,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
         ref = [np.asarray(o) for o in sess.run(None, feeds)]
         model_out = {"builds": {}}
         for build, b in entry["builds"].items():
-            device = build.rsplit("-", 1)[1]
+            device = b.get("device") or build.rsplit("-", 1)[1]
             row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"]}
             try:
                 runner = LocalRunner(device, repeat=args.repeat, number=args.number,
@@ -465,9 +469,16 @@ def report(args: argparse.Namespace) -> None:
 
 
 def _speedup_pairs(builds: list[str]) -> dict[str, tuple[str, str]]:
-    """device -> (baseline build, smartmem build) for every device that has both."""
-    return {b.split("-", 1)[1]: (b, "smartmem-" + b.split("-", 1)[1]) for b in builds
-            if b.startswith("baseline-") and "smartmem-" + b.split("-", 1)[1] in builds}
+    """label -> (reference build, our build): baseline vs smartmem per device that has both,
+    and for texture builds, textures over our own buffer build and over TVM's OpenCL."""
+    pairs = {b.split("-", 1)[1]: (b, "smartmem-" + b.split("-", 1)[1]) for b in builds
+             if b.startswith("baseline-") and "smartmem-" + b.split("-", 1)[1] in builds}
+    if "smartmem-opencl-texture" in builds:
+        if "smartmem-opencl" in builds:
+            pairs["texture over buffers"] = ("smartmem-opencl", "smartmem-opencl-texture")
+        if "baseline-opencl" in builds:
+            pairs["texture over TVM opencl"] = ("baseline-opencl", "smartmem-opencl-texture")
+    return pairs
 
 
 def _speedup(model: dict, base: str, ours: str) -> float | None:
@@ -546,6 +557,9 @@ def main() -> None:
     a = sub.add_parser("prepare", help="compile and bundle (CPU machine)")
     a.add_argument("--models", default="resnet50,deit_small,bert_base")
     a.add_argument("--pipelines", default="baseline", help="baseline,smartmem")
+    a.add_argument("--targets", default=",".join(TARGETS),
+                   help="cuda,opencl[,opencl-texture] (the texture target runs on NVIDIA's "
+                        "OpenCL; TVM's baseline has no texture path, so it is not built there)")
     a.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     a.set_defaults(func=prepare)
     m = sub.add_parser("measure", help="run on the GPU machine")

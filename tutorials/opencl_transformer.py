@@ -9,14 +9,9 @@ own on first use and registers it with TVM, so ``tvm.opencl(0)`` and
 with ``pyopencl[pocl]``); a vendor platform (NVIDIA, Qualcomm, ARM) is preferred when present.
 
 This tutorial compiles a ViT-like encoder block for OpenCL with the smartmem pipeline, runs it
-on the local OpenCL device, checks it against ONNX Runtime and times it, then shows the
-runtime's image (2.5D texture) memory.
-
-.. note::
-   The texture *lowering* of the smartmem pipeline (tensors placed in image2d memory by the
-   compiler) is not in the pipeline yet; the ``opencl-texture`` target currently compiles to
-   buffers.  The image memory itself (allocation in TVM's texture scopes, copies, kernels that
-   read images) is what the last section shows.
+on the local OpenCL device, checks it against ONNX Runtime and times it, then compiles it again
+for the ``opencl-texture`` target, where the matmul weights live in image (2.5D texture)
+memory, packed by their reduction dimension into the RGBA lanes of each texel.
 """
 
 # %%
@@ -30,8 +25,10 @@ from tvm import relax
 
 from tvm_smartmem import frontend, models, numerics, targets
 from tvm_smartmem.measure import LocalRunner
+from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.report import compare_pipelines
 from tvm_smartmem.runtime import opencl
+from tvm_smartmem.transform.texture import texture_weights_of
 
 info = opencl.describe()
 device = info["devices"][0]
@@ -89,3 +86,38 @@ image = tvm.runtime.empty(x.shape, "float32", dev, mem_scope="global.texture")
 image.copyfrom(x)
 print("image:", opencl.image_info(image))  # width 7, height 5, depth 2 * 3
 np.testing.assert_array_equal(image.numpy(), x)
+
+# %%
+# Compile with textures
+# ---------------------
+# On a texture target the pipeline's ``PackWeightsToTexture`` stores every matmul weight
+# ``W[k, n]`` as an image ``P[n, k // 4, k % 4]``: the reduction dimension in chunks of four
+# across the RGBA lanes, one image row per output column.  Packing is weight-only work, so it
+# runs once, in ``main_transform_params``; the GEMMs read whole texels (``read_imagef``) through
+# the texture cache, and ``tir.texture.LowerTextureAccess`` lowers those accesses correctly
+# (TVM's own Adreno path mis-compiles texture stores).  The function records which weights went
+# to images and, for any that did not fit, why.
+texture_target = targets.get("opencl-texture")
+kernels = smartmem_pipeline(texture_target, phases=UP_TO_KERNELS)(mod)
+print("texture weights:", texture_weights_of(kernels["main"]))
+ex_tex = tvm.compile(mod, texture_target, relax_pipeline="smartmem")
+
+vm_tex = relax.VirtualMachine(ex_tex, dev)
+weights_tex = vm_tex["main_transform_params"](*[tvm.runtime.tensor(p, dev) for p in params])
+images = sum(opencl.image_info(w)["image"] for w in weights_tex)
+print(f"{images} of the {len(weights_tex)} prepared weights are images")
+assert images == texture_weights_of(kernels["main"])["packed"]
+out_tex = vm_tex["main"](*[tvm.runtime.tensor(a, dev) for a in inputs.values()], *weights_tex)
+ok, err = numerics.compare([out_tex.numpy()],
+                           numerics.onnxruntime_reference(onnx_model, inputs))
+print(f"texture build matches ONNX Runtime: {ok} (max scale-normalised error {err:.1e})")
+assert ok
+
+# %%
+# Buffers against textures, side by side: on a CPU OpenCL device (PoCL) only the ratio of two
+# timings taken in one run means anything; on a GPU, see ``benchmarks/gpu_machine.py
+# --targets opencl,opencl-texture`` (``benchmarks/results/gpu_texture_h100.md``).
+runner = LocalRunner("opencl", repeat=3, number=2, warmup=1)
+buf_ms = runner.run(ex, list(inputs.values()), params).median_ms
+tex_ms = runner.run(ex_tex, list(inputs.values()), params).median_ms
+print(f"buffers {buf_ms:.2f} ms, textures {tex_ms:.2f} ms (ratio {buf_ms / tex_ms:.2f}x)")

@@ -62,3 +62,9 @@ class CompilationError(SmartMemError):
 @_crosses_ffi
 class OpenCLError(SmartMemError):
     """An OpenCL runtime failure (no platform, kernel build failure, bad argument)."""
+
+
+@_crosses_ffi
+class TextureLoweringError(CompilationError):
+    """A kernel's texture (image2d) accesses cannot be lowered correctly: a store that would not
+    write whole RGBA texels, a texture buffer whose last axis is not 4 lanes, a dynamic shape."""

@@ -9,13 +9,14 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
     graph               MathPropertyRewrite, RecogniseRoll, CombineParallelMatmuls,
-                        SelectLayouts (weights),
+                        SelectLayouts (weights; PackWeightsToTexture on texture targets),
                         LiftWeightTransforms (-> main_transform_params, run once at load),
                         ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
     layout              EliminateLayoutTransforms                     (decisions as attributes)
     fuse                FusePlan (DNNFusion planner; FuseOps for the baseline), then FuseTIR
-    tir                 InlineDataMovement, SimplifyIndices [, texture], then dlight schedules
+    tir                 InlineDataMovement, SimplifyIndices, then dlight schedules
+                        (+ LowerTextureAccess on texture targets)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
     finalize            memory planning, VM lowering (TVM's own)
 
@@ -82,11 +83,17 @@ def graph_passes(target: Target, smartmem: bool = True,
     # weight-only work (the combined projections' concatenated weights, transposed weights,
     # folded scales) is lifted into the load-time function before anything is classified
     # (SelectLayouts marks the re-laid weights for lifting, so it needs the lifting pass)
+    # on texture targets the weights' layout is their RGBA packing (PackWeightsToTexture)
     if "LiftWeightTransforms" in disable:
-        disable = disable | {"SelectLayouts"}
+        disable = disable | {"SelectLayouts", "PackWeightsToTexture"}
+    if target_kind(target) == "opencl-texture":
+        from .transform.texture import PackWeightsToTexture
+
+        relayout = ("PackWeightsToTexture", lambda: PackWeightsToTexture(target))
+    else:
+        relayout = ("SelectLayouts", lambda: SelectLayouts(target))
     named = [("MathPropertyRewrite", MathPropertyRewrite), ("RecogniseRoll", RecogniseRoll),
-             ("CombineParallelMatmuls", CombineParallelMatmuls),
-             ("SelectLayouts", lambda: SelectLayouts(target)),
+             ("CombineParallelMatmuls", CombineParallelMatmuls), relayout,
              ("LiftWeightTransforms", LiftWeightTransforms),
              ("ClassifyOperators", ClassifyOperators), ("SplitToSlices", SplitToSlices)]
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
@@ -119,8 +126,10 @@ def fuse_passes(target: Target, smartmem: bool = True,
         from .cost.db import pipeline_db
         from .transform.fuse import FusePlan
 
-        # yellow decisions: measurements of `tvm-smartmem tune` when there are any
-        return [FusePlan(target, profile_db=pipeline_db()), relax.transform.FuseTIR()]
+        # yellow decisions: measurements of `tvm-smartmem tune` when there are any; the
+        # kernels FuseTIR merged away are dropped (they would still be scheduled and built)
+        return [FusePlan(target, profile_db=pipeline_db()), relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination()]
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
@@ -137,7 +146,15 @@ def tir_passes(target: Target, smartmem: bool = True,
                             ("SimplifyIndices", SimplifyIndices)], disable)
     if not _is_gpu(target):
         return passes
-    return [*passes, gpu_schedules(disable) if smartmem else default_gpu_schedules()]
+    texture = target_kind(target) == "opencl-texture"
+    passes.append(gpu_schedules(disable, texture) if smartmem else default_gpu_schedules())
+    if texture:
+        # texture-scoped buffers (packed weights) become image reads / writes; a no-op for
+        # kernels without them, and not optional where they exist
+        from .tir.texture import LowerTextureAccess
+
+        passes.append(LowerTextureAccess())
+    return passes
 
 
 def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
@@ -146,7 +163,7 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 
 #: Every smartmem pass that ``disable`` can name.
 SMARTMEM_PASSES = ("MathPropertyRewrite", "RecogniseRoll", "CombineParallelMatmuls",
-                   "SelectLayouts",
+                   "SelectLayouts", "PackWeightsToTexture",
                    "LiftWeightTransforms",
                    "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
@@ -162,7 +179,8 @@ STAGES: dict[str, tuple[str, ...]] = {
                "FusePlan"),
     "tir": ("InlineDataMovement", "SimplifyIndices"),
     "rewrite": ("MathPropertyRewrite",),
-    "weights": ("CombineParallelMatmuls", "SelectLayouts", "LiftWeightTransforms"),
+    "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
+                "LiftWeightTransforms"),
     "schedule": ("TunedMatmul",),
 }
 
@@ -183,14 +201,19 @@ def only_stages(spec: str) -> tuple[str, ...]:
     return tuple(p for p in SMARTMEM_PASSES if p not in keep)
 
 
-def _dlight_rules(tuned: bool = False) -> list:
+def _dlight_rules(tuned: bool = False, texture: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
     from .tir.matmul import TunedMatmul
 
     matmul = TunedMatmul() if tuned else dl.gpu.Matmul()
-    return [matmul, dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback()]
+    rules = [matmul, dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+             dl.gpu.Fallback()]
+    if texture:  # kernels touching images first; the buffer rules take the rest
+        from .tir.schedules import TextureElementwise, TextureMatmul
+
+        rules = [TextureElementwise(), TextureMatmul(), *rules]
+    return rules
 
 
 def default_gpu_schedules() -> tvm.transform.Pass:
@@ -200,12 +223,14 @@ def default_gpu_schedules() -> tvm.transform.Pass:
     return dl.ApplyDefaultSchedule(*_dlight_rules())
 
 
-def gpu_schedules(disable: frozenset = frozenset()) -> tvm.transform.Pass:
+def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tvm.transform.Pass:
     """The same rules, with a rule that fails on one of our fused kernels skipped for it, and
-    the GEMM knobs measured per target (``TunedMatmul``) unless that is disabled."""
+    the GEMM knobs measured per target (``TunedMatmul``) unless that is disabled; on texture
+    targets the texture rules of ``tir.schedules`` come first."""
     from .tir.schedule import ApplyScheduleRules
 
-    return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable))
+    return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable,
+                                             texture=texture))
 
 
 def dataflow_lower_passes(target: Target, smartmem: bool = True,

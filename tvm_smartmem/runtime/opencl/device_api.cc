@@ -627,6 +627,16 @@ class OpenCLDeviceAPI final : public tvm::runtime::DeviceAPI {
   }
 };
 
+/*! \brief Allocates a tensor's data as an image of one texture scope (ffi::Tensor::FromNDAlloc). */
+struct ImageAlloc {
+  std::string scope;
+  void AllocData(DLTensor* t) {
+    t->data = OpenCLDeviceAPI::Global()->AllocDataSpace(t->device, t->ndim, t->shape, t->dtype,
+                                                        tvm::ffi::String(scope));
+  }
+  void FreeData(DLTensor* t) { OpenCLDeviceAPI::Global()->FreeDataSpace(t->device, t->data); }
+};
+
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
@@ -638,6 +648,20 @@ TVM_FFI_STATIC_INIT_BLOCK() {
                     *rv = static_cast<void*>(api);
                   })
       .def("smartmem.opencl.describe", []() { return Workspace::Global().Describe(); })
+      .def("smartmem.opencl.to_image",
+           [](tvm::ffi::Tensor src, tvm::ffi::String scope) {
+             // A copy of `src` in an image of `scope`: how a compiled model's load-time
+             // function (main_transform_params) moves packed weights into texture memory.  The
+             // VM's pooled allocator refuses non-global scopes, so the image is allocated here.
+             std::string s(scope);
+             if (!IsTextureScope(s)) Fail("to_image: '" + s + "' is not a texture scope");
+             tvm::ffi::Tensor dst = tvm::ffi::Tensor::FromNDAlloc(
+                 ImageAlloc{s}, src.shape(), src.dtype(), src.device());
+             OpenCLDeviceAPI::Global()->CopyDataFromTo(
+                 const_cast<DLTensor*>(src.GetDLTensorPtr()),
+                 const_cast<DLTensor*>(dst.GetDLTensorPtr()), nullptr);
+             return dst;
+           })
       .def("smartmem.opencl.image_info",
            [](DLTensor* tensor) {
              // (kind, width, height, depth) of a tensor's memory: tests check texture layouts.
