@@ -156,9 +156,17 @@ def _measure_stage2(args: argparse.Namespace) -> None:
             shape = symbol.split("__")[0]
             a, b = data[shape]
             ref = np.matmul(a.astype("float64"), b.astype("float64")).astype("float32")
-            # `__nk` kernels (weight_layout_sweep.py) take the weight stored transposed
-            stored = np.ascontiguousarray(b.T) if symbol.endswith("__nk") else b
-            ta, tb = tvm.runtime.tensor(a, dev), tvm.runtime.tensor(stored, dev)
+            # `__nk` kernels (weight_layout_sweep.py) take the weight stored transposed;
+            # `__tex*` kernels (texture_matmul_sweep.py) take it packed into an RGBA image
+            tag = symbol.split("__")[1]
+            stored = np.ascontiguousarray(b.T) if tag == "nk" else b
+            ta = tvm.runtime.tensor(a, dev)
+            if tag.startswith("tex"):
+                k, n = b.shape
+                tb = tvm.runtime.empty((n, k // 4, 4), "float32", dev, mem_scope="global.texture")
+                tb.copyfrom(np.ascontiguousarray(b.T.reshape(n, k // 4, 4)))
+            else:
+                tb = tvm.runtime.tensor(stored, dev)
             tc = tvm.runtime.tensor(np.zeros(ref.shape, "float32"), dev)
             try:
                 lib[symbol](ta, tb, tc)

@@ -30,10 +30,13 @@ def _gemm(m=48, k=40, n=24, batch=()):
 
 def test_the_shipped_table_names_its_measurement():
     table = load_table()
-    assert set(table) == {"cuda", "opencl"}
-    for entry in table.values():
-        assert entry["measured"] == "benchmarks/results/matmul_sweep_h100.json"
-        gpu.Matmul.Config(**entry["config"])  # every knob is one dlight knows
+    assert set(table) == {"cuda", "opencl", "opencl-texture"}
+    for key in ("cuda", "opencl"):
+        assert table[key]["measured"] == "benchmarks/results/matmul_sweep_h100.json"
+        gpu.Matmul.Config(**table[key]["config"])  # every knob is one dlight knows
+    texture = table["opencl-texture"]
+    assert texture["measured"] == "benchmarks/results/texture_matmul_h100.json"
+    assert texture["texture_weights"] in ("image", "buffer")
 
 
 def test_each_target_gets_its_own_knobs():

@@ -19,6 +19,8 @@ memory, packed by their reduction dimension into the RGBA lanes of each texel.
 # -----------------
 # :func:`tvm_smartmem.runtime.opencl.describe` lists the platforms the runtime found (this is
 # what ``tvm-smartmem devices`` prints).
+import os
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -97,6 +99,13 @@ np.testing.assert_array_equal(image.numpy(), x)
 # the texture cache, and ``tir.texture.LowerTextureAccess`` lowers those accesses correctly
 # (TVM's own Adreno path mis-compiles texture stores).  The function records which weights went
 # to images and, for any that did not fit, why.
+#
+# Whether images pay depends on the GPU, so by default the pass follows a measurement: the
+# shipped ``tvm_smartmem/tir/matmul_configs.json`` keeps weights in buffers on desktop OpenCL
+# (texture GEMMs ran at 0.77x of buffer GEMMs on an H100,
+# ``benchmarks/results/texture_matmul_h100.md``); on a mobile GPU, measure yours with
+# ``benchmarks/texture_matmul_sweep.py``.  Here we ask for images explicitly to see them.
+os.environ["TVM_SMARTMEM_TEXTURE_WEIGHTS"] = "always"
 texture_target = targets.get("opencl-texture")
 kernels = smartmem_pipeline(texture_target, phases=UP_TO_KERNELS)(mod)
 print("texture weights:", texture_weights_of(kernels["main"]))

@@ -41,10 +41,15 @@ class TextureMatmul(TunedMatmul):
     """``TunedMatmul`` for GEMMs reading a texture-packed operand (see module doc)."""
 
     def get_configs(self, target) -> gpu.Matmul.Config:
-        key = target_key(target)
-        table = load_table(self.table)
-        entry = table.get(f"{key}-texture") or table.get(key) if key else None
-        base = gpu.Matmul.Config(**entry["config"]) if entry else super().get_configs(target)
+        if self.config is not None:  # the texture sweep's candidates
+            base = self.config
+        else:  # measured for textures (benchmarks/texture_matmul_sweep.py), else the buffer one
+            key = target_key(target)
+            table = load_table(self.table)
+            texture = table.get(f"{key}-texture", {}) if key else {}
+            entry = texture if "config" in texture else (table.get(key) if key else None)
+            base = gpu.Matmul.Config(**entry["config"]) if entry else \
+                super().get_configs(target)
         k_step = max(LANES, base.micro_size_k - base.micro_size_k % LANES)
         return dataclasses.replace(base, vector_size=LANES, micro_size_k=k_step)
 

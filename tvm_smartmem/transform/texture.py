@@ -14,7 +14,14 @@ VM's pooled allocator does not hand out images); the GEMM is a ``call_tir`` of a
 weight parameter is in ``global.texture`` scope, scheduled by the GEMM rule like any matmul and
 lowered by ``tir.texture.LowerTextureAccess``.
 
-A weight stays in a buffer, with the reason recorded, when ``k`` is not a multiple of 4, when
+Whether images pay is a property of the device, so it is measured: the ``opencl-texture`` entry
+of ``tir/matmul_configs.json`` (written by ``benchmarks/texture_matmul_sweep.py``) says
+``texture_weights: image`` or ``buffer``.  On the H100 through NVIDIA OpenCL the texture GEMMs
+ran at 0.77x of the buffer GEMMs, so the shipped table keeps weights in buffers there; a target
+without a measurement packs (what a mobile GPU's texture path is for).
+``TVM_SMARTMEM_TEXTURE_WEIGHTS=always|never|measured`` overrides the policy.
+
+A weight also stays in a buffer, with the reason recorded, when ``k`` is not a multiple of 4, when
 the image would exceed the target's ``texture_spatial_limit`` (the vocabulary projection of an
 LLM: tens of thousands of rows), or when its dtype has no RGBA image format here.  The record
 is ``smartmem.texture_weights`` on the function: packed count, image bytes, and per weight kept
@@ -24,6 +31,7 @@ in a buffer the reason.
 from __future__ import annotations
 
 import logging
+import os
 
 import tvm
 import tvm_ffi
@@ -55,6 +63,29 @@ def texture_limit(target: Target | None) -> int:
     if target is not None and "texture_spatial_limit" in target.attrs:
         return int(target.attrs["texture_spatial_limit"])
     return 16384
+
+
+POLICY_ENV = "TVM_SMARTMEM_TEXTURE_WEIGHTS"
+POLICIES = ("measured", "always", "never")
+
+
+def policy_reason(target: Target | None, policy: str | None = None) -> str | None:
+    """Why the policy keeps every weight of ``target`` in buffers, or None when it packs."""
+    from ..tir.matmul import load_table, target_key
+
+    policy = policy or os.environ.get(POLICY_ENV) or "measured"
+    if policy not in POLICIES:
+        raise ValueError(f"{POLICY_ENV}={policy}: expected one of {', '.join(POLICIES)}")
+    if policy == "always":
+        return None
+    if policy == "never":
+        return f"{POLICY_ENV}=never"
+    key = target_key(target) if target is not None else None
+    entry = load_table().get(f"{key}-texture", {}) if key else {}
+    if entry.get("texture_weights") == "buffer":
+        return (f"texture GEMMs measured slower than buffer GEMMs on {entry.get('device')} "
+                f"({entry.get('texture_over_buffer')}x, {entry.get('measured')})")
+    return None
 
 
 def pack_reason(k: int, n: int, dtype: str, limit: int) -> str | None:
@@ -113,8 +144,8 @@ def _candidates(block: Block, weights: set) -> list[int]:
     return found
 
 
-def pack_function(mod: tvm.IRModule, target: Target | None,
-                  func_name: str = "main") -> tvm.IRModule:
+def pack_function(mod: tvm.IRModule, target: Target | None, func_name: str = "main",
+                  policy: str | None = None) -> tvm.IRModule:
     """Pack the weights of ``func_name``'s matmuls into images (see the module doc)."""
     func = mod[func_name]
     if not is_single_block(func) or not func.attrs or "num_input" not in func.attrs:
@@ -122,13 +153,14 @@ def pack_function(mod: tvm.IRModule, target: Target | None,
     block = Block.of(func)
     weights = weight_vars(func, block)
     limit = texture_limit(target)
+    not_worth_it = policy_reason(target, policy)
     chosen: dict[int, tuple[int, int]] = {}
     kept: dict[str, str] = {}
     image_bytes = 0
     for i in _candidates(block, weights):
         w = block.bindings[i].value.args[1]
         k, n = shape_of(w)
-        reason = pack_reason(k, n, str(w.ty.dtype), limit)
+        reason = not_worth_it or pack_reason(k, n, str(w.ty.dtype), limit)
         if reason:
             kept[w.name] = reason
             log.info("weight %s stays in a buffer: %s", w.name, reason)
@@ -183,14 +215,17 @@ def texture_weights_of(func: relax.Function) -> dict:
             "kept": {str(k): str(v) for k, v in rec["kept"].items()}}
 
 
-def PackWeightsToTexture(target: Target | None = None,
-                         func_name: str = "main") -> tvm.transform.Pass:
-    """Pack matmul weights into RGBA images by their reduction dimension (see module doc)."""
+def PackWeightsToTexture(target: Target | None = None, func_name: str = "main",
+                         policy: str | None = None) -> tvm.transform.Pass:
+    """Pack matmul weights into RGBA images by their reduction dimension (see module doc);
+    ``policy`` (``measured`` by default, or ``$TVM_SMARTMEM_TEXTURE_WEIGHTS``) decides whether
+    images are used on this target at all."""
 
     @tvm.transform.module_pass(opt_level=0, name="PackWeightsToTexture")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
             return mod
-        return pack_function(mod, target or Target.current(allow_none=True), func_name)
+        return pack_function(mod, target or Target.current(allow_none=True), func_name,
+                             policy)
 
     return _pass
