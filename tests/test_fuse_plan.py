@@ -168,3 +168,44 @@ def test_latency_model_learns_the_sign_of_the_gain(tmp_path):
     assert not LatencyModel.from_db(db).ready  # fewer than MIN_ROWS rows: it declines
     assert MIN_ROWS > 1
 
+
+
+def test_operand_reuse_tells_matmuls_from_row_reductions():
+    """A matmul reads each operand element n (or m) times, a row mean once: only the first
+    makes an inlined computing prologue expensive."""
+    from tvm import te, topi
+
+    from tvm_smartmem.transform.fuse import REUSE_LIMIT, operand_reuse
+
+    a = te.placeholder((8, 32), name="a")
+    b = te.placeholder((32, 16), name="b")
+    assert operand_reuse(te.create_prim_func([a, b, topi.matmul(a, b)])) == 16
+    x = te.placeholder((4, 64), name="x")
+    assert operand_reuse(te.create_prim_func([x, topi.sum(x, axis=1)])) == 1
+    assert operand_reuse(te.create_prim_func([x, topi.exp(x)])) == 0  # no reduction
+    assert 1 <= REUSE_LIMIT < 16
+
+
+def test_square_fuses_into_a_row_reduction_and_the_residual_into_the_gemm():
+    """RMSNorm after a residual: x + h @ W goes into the GEMM's epilogue, x * x into the mean
+    (a reduction reading each element once), so no kernel is left for the add / square."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, 32), "float32"))
+    h = relax.Var("h", relax.TensorType((8, 32), "float32"))
+    w = relax.Var("w", relax.TensorType((32, 32), "float32"))
+    with bb.function("main", [x, h, w]):
+        with bb.dataflow():
+            r = bb.emit(relax.op.add(x, relax.op.matmul(h, w)))
+            ms = bb.emit(relax.op.mean(relax.op.multiply(r, r), axis=[-1], keepdims=True))
+            n = bb.emit(relax.op.multiply(r, relax.op.rsqrt(relax.op.add(
+                ms, relax.const(1e-6, "float32")))))
+            out = bb.emit_output(relax.op.add(n, r))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert collect(smartmem_pipeline(LLVM)(mod)).kernels == 2  # GEMM+add, norm+residual
+    rng = np.random.default_rng(9)
+    xv, hv, wv = (rng.standard_normal(s).astype("float32") for s in ((8, 32), (8, 32), (32, 32)))
+    rv = xv + hv @ wv
+    expected = rv / np.sqrt((rv * rv).mean(-1, keepdims=True) + 1e-6) + rv
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [xv, hv, wv]), [expected])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -152,8 +153,9 @@ class Planner:
     """Listing 1 of DNNFusion over units of an ECG."""
 
     def __init__(self, ecg: ECG, units: list[Unit], unit_of: list[int], cost, target,
-                 max_args: int = 64, max_units: int = 48):
+                 max_args: int = 64, max_units: int = 48, mod: tvm.IRModule | None = None):
         self.ecg, self.units, self.unit_of = ecg, units, unit_of
+        self.mod = mod
         self.cost, self.target = cost, target
         self.max_args, self.max_units = max_args, max_units
         self.succ = [set() for _ in units]
@@ -232,11 +234,26 @@ class Planner:
         return self._inputs(block) + self._outputs(block) <= self.max_args
 
     def _prologue_compute(self, producers: set[int], consumers: set[int]) -> bool:
-        """Producers that compute (not only move data) flowing into a many-to-many consumer."""
-        if not any(self.units[u].mtm for u in consumers):
+        """Producers that compute (not only move data) flowing into a many-to-many consumer
+        that reads each of its input elements many times (a matmul / conv operand: the
+        inlined prologue would be recomputed per reuse).  A reduction that reads each element
+        a few times (mean, RMSNorm / layernorm statistics, softmax) recomputes a cheap
+        prologue at most that often, which costs less than a kernel and a round trip."""
+        reuse = max((self._reuse(i) for u in consumers for i in self.units[u].members
+                     if self.ecg.nodes[i].mapping == M.MANY_TO_MANY), default=0)
+        if reuse <= REUSE_LIMIT:
             return False
         return any(not self.ecg.nodes[i].quadrant.fixed
                    for u in producers for i in self.units[u].members)
+
+    def _reuse(self, i: int) -> float:
+        """How often the kernel of node ``i`` reads each element of its inputs, at most
+        (iterations of its reduction blocks over input size; unknown: treated as large)."""
+        value = self.ecg.nodes[i].value
+        if self.mod is None or not isinstance(value, relax.Call) or \
+                not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.call_tir":
+            return float("inf")
+        return operand_reuse(self.mod[value.args[0]])
 
     # -- growth --------------------------------------------------------------------------------
     def _label(self, u: int) -> str:
@@ -317,6 +334,41 @@ class Planner:
         return [self._members(b) for b in blocks]
 
 
+REUSE_LIMIT = 4
+
+
+def operand_reuse(func) -> float:
+    """Iterations of ``func``'s reduction blocks per element of its largest-read input: 1 for
+    a row reduction, ``n`` for a matmul operand (``m * n * k`` iterations over ``m * k``)."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    if not isinstance(func, tirx.PrimFunc):
+        return float("inf")
+    sizes = {}
+    for p in func.params:
+        dims = [int(d.value) if isinstance(d, tirx.IntImm) else None
+                for d in getattr(p, "shape", [])]
+        sizes[p.name] = None if None in dims else max(1, int(np.prod(dims))) if dims else 1
+    blocks: list = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
+    worst = 0.0
+    for block in blocks:
+        if not any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+            continue
+        extents = [iv.dom.extent for iv in block.iter_vars]
+        if any(not isinstance(e, tirx.IntImm) for e in extents):
+            return float("inf")
+        iterations = float(np.prod([int(e.value) for e in extents]))
+        for region in block.reads:
+            size = sizes.get(region.source.name)
+            if size is None:
+                size = max(1, int(np.prod([int(r.extent.value) if isinstance(
+                    r.extent, tirx.IntImm) else 1 for r in region.region])))
+            worst = max(worst, iterations / size)
+    return worst
+
+
 def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target) -> Planner:
     """The planner for a legalised, layout-planned function (``FusePlan`` and ``tune`` share
     it, so tuning profiles exactly the candidates the pass will ask about)."""
@@ -324,7 +376,7 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target) -> Plann
     units, unit_of = build_units(ecg, layout_plan(func))
     max_args = int(target.attrs.get("max_function_args", 128)) // 2 if target is not None and \
         "max_function_args" in target.attrs else 64
-    return Planner(ecg, units, unit_of, cost, target, max_args=max_args)
+    return Planner(ecg, units, unit_of, cost, target, max_args=max_args, mod=mod)
 
 
 def FusePlan(
