@@ -122,12 +122,15 @@ def write(data: dict, name: str) -> Path:
     cnn = [r for r in rows.values() if r["family"] == "cnn" and _ratio(r, "kernels") is not None]
     dm_base = sum(r["baseline"]["data_movement_kernels"] for r in rows.values() if "error" not in r)
     dm_ours = sum(r["smartmem"]["data_movement_kernels"] for r in rows.values() if "error" not in r)
+    def fmt(value: float | None) -> str:
+        return "n/a (none in this run)" if value is None or math.isnan(value) else f"{value:.2f}"
+
     summary = [
         f"Transformer / hybrid / LLM / diffusion models: kernel ratio geomean "
-        f"{_geomean([_ratio(r, 'kernels') for r in attn]):.2f}, worst "
-        f"{max((_ratio(r, 'kernels') for r in attn), default=float('nan')):.2f}.",
+        f"{fmt(_geomean([_ratio(r, 'kernels') for r in attn]))}, worst "
+        f"{fmt(max((_ratio(r, 'kernels') for r in attn), default=None))}.",
         f"CNNs: worst kernel ratio "
-        f"{max((_ratio(r, 'kernels') for r in cnn), default=float('nan')):.2f}.",
+        f"{fmt(max((_ratio(r, 'kernels') for r in cnn), default=None))}.",
         f"Data-movement kernels over the zoo: {dm_base} -> {dm_ours}.",
     ]
     md = [f"# Kernel counts, TVM default vs smartmem ({data['target']})", "",

@@ -93,7 +93,8 @@ def test_a_target_without_its_device_gets_statistics_and_a_reason(monkeypatch):
 
 
 def test_stage_selection():
-    assert set(only_stages("rewrite")) == set(SMARTMEM_PASSES) - {"MathPropertyRewrite"}
+    assert set(only_stages("rewrite")) == set(SMARTMEM_PASSES) - {"MathPropertyRewrite",
+                                                                 "RecogniseNormalization"}
     assert "FusePlan" not in only_stages("layout")  # layout decisions need the planner
     assert only_stages("fusion+layout+tir+rewrite+weights") == ("TunedMatmul",)
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()

@@ -8,7 +8,8 @@ one place what runs where.  ``tvm.compile(mod, target, relax_pipeline="smartmem"
 Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
-    graph               MathPropertyRewrite, RecogniseRoll, CombineParallelMatmuls,
+    graph               RecogniseNormalization, MathPropertyRewrite, RecogniseRoll,
+                        CombineParallelMatmuls,
                         SelectLayouts (weights; PackWeightsToTexture on texture targets),
                         LiftWeightTransforms (-> main_transform_params, run once at load),
                         ClassifyOperators, SplitToSlices
@@ -73,6 +74,7 @@ def graph_passes(target: Target, smartmem: bool = True,
     from .transform.combine_parallel_matmul import CombineParallelMatmuls
     from .transform.lift_weight_transforms import LiftWeightTransforms
     from .transform.math_rewrite import MathPropertyRewrite
+    from .transform.recognise_norm import RecogniseNormalization
     from .transform.recognise_roll import RecogniseRoll
     from .transform.select_layout import SelectLayouts
     from .transform.split_to_slices import SplitToSlices
@@ -92,7 +94,8 @@ def graph_passes(target: Target, smartmem: bool = True,
         relayout = ("PackWeightsToTexture", lambda: PackWeightsToTexture(target))
     else:
         relayout = ("SelectLayouts", lambda: SelectLayouts(target))
-    named = [("MathPropertyRewrite", MathPropertyRewrite), ("RecogniseRoll", RecogniseRoll),
+    named = [("RecogniseNormalization", RecogniseNormalization),
+             ("MathPropertyRewrite", MathPropertyRewrite), ("RecogniseRoll", RecogniseRoll),
              ("CombineParallelMatmuls", CombineParallelMatmuls), relayout,
              ("LiftWeightTransforms", LiftWeightTransforms),
              ("ClassifyOperators", ClassifyOperators), ("SplitToSlices", SplitToSlices)]
@@ -162,7 +165,8 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 
 
 #: Every smartmem pass that ``disable`` can name.
-SMARTMEM_PASSES = ("MathPropertyRewrite", "RecogniseRoll", "CombineParallelMatmuls",
+SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRoll",
+                   "CombineParallelMatmuls",
                    "SelectLayouts", "PackWeightsToTexture",
                    "LiftWeightTransforms",
                    "ClassifyOperators", "SplitToSlices",
@@ -178,7 +182,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll", "EliminateLayoutTransforms",
                "FusePlan"),
     "tir": ("InlineDataMovement", "SimplifyIndices"),
-    "rewrite": ("MathPropertyRewrite",),
+    "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
     "schedule": ("TunedMatmul",),
