@@ -187,3 +187,25 @@ def test_errors_are_one_line():
         frontend.from_onnx(_single_node_model("FancyAttention", domain="com.example"))
     except errors.SmartMemError as err:
         assert "\n" not in str(err)
+
+
+def test_resize_scales_are_constants_not_weights():
+    """A float initializer a Resize reads as its scales decides the output shape: it must stay a
+    constant, while a float tensor used as data is a weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], "float32"), "scales"),
+             numpy_helper.from_array(np.ones((1, 3, 4, 4), "float32"), "bias")]
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("Add", ["r", "bias"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "up", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert frontend.weight_names(model.graph) == {"bias"}
+    mod, params = frontend.from_onnx(model)
+    assert len(params) == 1 and params[0].shape == (1, 3, 4, 4)
+    x = np.random.default_rng(0).standard_normal((1, 3, 2, 2)).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [x], params=params),
+                   numerics.onnxruntime_reference(model, {"x": x}))

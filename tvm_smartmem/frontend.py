@@ -94,6 +94,21 @@ def is_weight(init: onnx.TensorProto) -> bool:
     return init.data_type in _WEIGHT_DTYPES and int(np.prod(init.dims, dtype=np.int64)) > 1
 
 
+#: Inputs that are attributes passed as tensors (a Resize's scales, a Pad's pads): constants
+#: the output shape depends on, never weights, whatever their dtype and size.
+_ATTRIBUTE_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Pad": (1, 2, 3)}
+
+
+def weight_names(graph: onnx.GraphProto) -> set[str]:
+    """Initializers that are weights: :func:`is_weight`, and not read as an attribute-like
+    input anywhere (UNet's upsampling ``Resize`` scales are four floats)."""
+    attribute_like = {node.input[i] for node in _all_nodes(graph)
+                      for i in _ATTRIBUTE_INPUTS.get(node.op_type, ())
+                      if i < len(node.input) and node.input[i]}
+    return {init.name for init in graph.initializer
+            if is_weight(init) and init.name not in attribute_like}
+
+
 def _check_operators(proto: onnx.ModelProto) -> None:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -160,8 +175,9 @@ def _constants_as_nodes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     out = _copy(proto)
     graph = out.graph
     weights, consts = [], []
+    names = weight_names(graph)
     for init in graph.initializer:
-        (weights if is_weight(init) else consts).append(init)
+        (weights if init.name in names else consts).append(init)
     const_names = {c.name for c in consts}
     const_nodes = [
         onnx.helper.make_node("Constant", [], [c.name], value=c) for c in consts
@@ -230,8 +246,9 @@ def fold_shape_arithmetic(proto: onnx.ModelProto) -> onnx.ModelProto:
     shapes = _static_shapes(proto)
     known: dict[str, np.ndarray] = {}
     derived: set[str] = set()
+    names = weight_names(proto.graph)
     for init in proto.graph.initializer:
-        if not is_weight(init):
+        if init.name not in names:
             known[init.name] = numpy_helper.to_array(init)
             if not np.issubdtype(known[init.name].dtype, np.floating):
                 derived.add(init.name)
