@@ -77,22 +77,32 @@ def _matmul_primfunc(a_shape, b_shape):
     return next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc))
 
 
+def start_bundle(path: str, configs: list[dict], shapes: list) -> tuple[Path, dict]:
+    """A fresh bundle directory and the manifest every GEMM sweep writes (this one,
+    ``weight_layout_sweep.py``, ``texture_matmul_sweep.py``); ``measure`` reads it."""
+    import tvm
+
+    from tvm_smartmem.bench import git_commit
+
+    bundle = Path(path)
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    (bundle / "models").mkdir(parents=True)
+    manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "git_commit": git_commit(), "tvm": tvm.__version__, "configs": configs,
+                "shapes": [{"name": n, "a": a, "b": b} for n, a, b in shapes], "libraries": {}}
+    return bundle, manifest
+
+
 def prepare(args: argparse.Namespace) -> None:
     import tvm
     from tvm.s_tir.dlight import gpu
 
     from tvm_smartmem import targets
-    from tvm_smartmem.bench import git_commit
     from tvm_smartmem.tir.matmul import TunedMatmul
 
-    bundle = Path(args.bundle)
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    (bundle / "models").mkdir(parents=True)
     configs = candidates()
-    manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "tvm": tvm.__version__, "configs": configs,
-                "shapes": [{"name": n, "a": a, "b": b} for n, a, b in SHAPES], "libraries": {}}
+    bundle, manifest = start_bundle(args.bundle, configs, SHAPES)
     for target_name in TARGETS:
         tgt = targets.get(target_name)
         funcs, t0 = {}, time.perf_counter()

@@ -20,11 +20,9 @@ when it beats the current one; the report says whether textures beat buffers at 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -70,17 +68,10 @@ def prepare(args: argparse.Namespace) -> None:
     from tvm.s_tir.dlight import gpu
 
     from tvm_smartmem import targets
-    from tvm_smartmem.bench import git_commit
     from tvm_smartmem.tir.schedules import TextureMatmul
 
-    bundle = Path(args.bundle)
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    (bundle / "models").mkdir(parents=True)
     configs = candidates()
-    manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "tvm": tvm.__version__, "configs": configs,
-                "shapes": [{"name": n, "a": a, "b": b} for n, a, b in SHAPES], "libraries": {}}
+    bundle, manifest = ms.start_bundle(args.bundle, configs, SHAPES)
     tgt = targets.get("opencl-texture")
     funcs, t0 = {}, time.perf_counter()
     for name, a_shape, b_shape in SHAPES:

@@ -18,10 +18,8 @@ and records the faster layout (geomean over the shapes) as ``weight_layout`` per
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -67,15 +65,8 @@ def prepare(args: argparse.Namespace) -> None:
     import tvm
 
     from tvm_smartmem import targets
-    from tvm_smartmem.bench import git_commit
 
-    bundle = Path(args.bundle)
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    (bundle / "models").mkdir(parents=True)
-    manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "tvm": tvm.__version__, "configs": [],
-                "shapes": [{"name": n, "a": a, "b": b} for n, a, b in SHAPES], "libraries": {}}
+    bundle, manifest = ms.start_bundle(args.bundle, [], SHAPES)
     for target_name in ms.TARGETS:
         tgt = targets.get(target_name)
         funcs, t0 = {}, time.perf_counter()

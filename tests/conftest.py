@@ -55,3 +55,16 @@ def cli():
         return proc.returncode, proc.stdout, proc.stderr
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def dev():
+    """The OpenCL device (PoCL without a GPU).  Skipped only when no OpenCL platform and no
+    PoCL is installed; PoCL installed but no device is a failure, not a skip."""
+    from tvm_smartmem.runtime import opencl
+
+    if opencl.pocl_library() is None and not opencl.describe().get("devices"):
+        pytest.skip("no OpenCL device and PoCL is not installed (pip install 'pyopencl[pocl]')")
+    info = opencl.describe()
+    assert info["devices"], f"OpenCL runtime found no device: {info['error']}"
+    return tvm.opencl(0)

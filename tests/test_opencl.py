@@ -25,15 +25,6 @@ from tvm_smartmem.runtime import opencl
 OPENCL = targets.get("opencl")
 
 
-@pytest.fixture(scope="module")
-def dev():
-    if opencl.pocl_library() is None and not opencl.describe().get("devices"):
-        pytest.skip("no OpenCL device and PoCL is not installed (pip install 'pyopencl[pocl]')")
-    info = opencl.describe()
-    assert info["devices"], f"OpenCL runtime found no device: {info['error']}"
-    return tvm.opencl(0)
-
-
 def _run_prim(mod: tvm.IRModule, arrays, dev, out_index=-1):
     ex = tvm.compile(mod, OPENCL)
     tensors = [tvm.runtime.tensor(a, dev) for a in arrays]

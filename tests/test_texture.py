@@ -42,15 +42,6 @@ def _textures_always(monkeypatch):
     monkeypatch.setenv("TVM_SMARTMEM_TEXTURE_WEIGHTS", "always")
 
 
-@pytest.fixture(scope="module")
-def dev():
-    if opencl.pocl_library() is None and not opencl.describe().get("devices"):
-        pytest.skip("no OpenCL device and PoCL is not installed (pip install 'pyopencl[pocl]')")
-    info = opencl.describe()
-    assert info["devices"], f"OpenCL runtime found no device: {info['error']}"
-    return tvm.opencl(0)
-
-
 def _build(func: tirx.PrimFunc, *rules):
     mod = tvm.IRModule({"main": func})
     with TEXTURE:
