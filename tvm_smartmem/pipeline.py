@@ -17,7 +17,7 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
     layout              EliminateLayoutTransforms                     (decisions as attributes)
     fuse                FusePlan (DNNFusion planner; FuseOps for the baseline), then FuseTIR
     tir                 InlineDataMovement, SimplifyIndices, then dlight schedules
-                        (+ LowerTextureAccess on texture targets)
+                        (+ LowerTextureAccess on texture targets; BlockedReductions on CPUs)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
     finalize            memory planning, VM lowering (TVM's own)
 
@@ -148,6 +148,11 @@ def tir_passes(target: Target, smartmem: bool = True,
         passes += _enabled([("InlineDataMovement", InlineDataMovement),
                             ("SimplifyIndices", SimplifyIndices)], disable)
     if not _is_gpu(target):
+        if smartmem:
+            # CPU kernels stay unscheduled; long reductions get partial sums (accuracy)
+            from .tir.blocked_reduction import BlockedReductions
+
+            passes += _enabled([("BlockedReductions", BlockedReductions)], disable)
         return passes
     texture = target_kind(target) == "opencl-texture"
     passes.append(gpu_schedules(disable, texture) if smartmem else default_gpu_schedules())
@@ -171,7 +176,8 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "LiftWeightTransforms",
                    "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
-                   "FusePlan", "InlineDataMovement", "SimplifyIndices", "TunedMatmul")
+                   "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
+                   "TunedMatmul", "LongRowReduction")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -181,11 +187,11 @@ STAGES: dict[str, tuple[str, ...]] = {
     "fusion": ("ClassifyOperators", "FusePlan"),
     "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll", "EliminateLayoutTransforms",
                "FusePlan"),
-    "tir": ("InlineDataMovement", "SimplifyIndices"),
+    "tir": ("InlineDataMovement", "SimplifyIndices", "BlockedReductions"),
     "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
-    "schedule": ("TunedMatmul",),
+    "schedule": ("TunedMatmul", "LongRowReduction"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
@@ -205,7 +211,7 @@ def only_stages(spec: str) -> tuple[str, ...]:
     return tuple(p for p in SMARTMEM_PASSES if p not in keep)
 
 
-def _dlight_rules(tuned: bool = False, texture: bool = False) -> list:
+def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
     from .tir.matmul import TunedMatmul
@@ -213,6 +219,10 @@ def _dlight_rules(tuned: bool = False, texture: bool = False) -> list:
     matmul = TunedMatmul() if tuned else dl.gpu.Matmul()
     rules = [matmul, dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
              dl.gpu.Fallback()]
+    if long_rows:  # few long rows (GroupNorm): before dlight's general reduction
+        from .tir.schedules import LongRowReduction
+
+        rules.insert(3, LongRowReduction())
     if texture:  # kernels touching images first; the buffer rules take the rest
         from .tir.schedules import TextureElementwise, TextureMatmul
 
@@ -234,6 +244,7 @@ def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tv
     from .tir.schedule import ApplyScheduleRules
 
     return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable,
+                                             long_rows="LongRowReduction" not in disable,
                                              texture=texture))
 
 

@@ -94,3 +94,88 @@ class TextureElementwise(dl.ScheduleRule):
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(loops[-1])
         return sch
+
+
+class LongRowReduction(dl.ScheduleRule):
+    """Row reductions with few, long rows (a diffusion model's GroupNorm: 32 groups of up to a
+    million elements) and the element-wise epilogue that reads their results.
+
+    dlight's ``GeneralReduction`` gives each row one thread block of 256 threads; with 32 rows
+    that is 8192 threads on a GPU that holds 270 000, and the epilogue (normalise, affine,
+    SiLU over every element) runs at that parallelism too.  This rule keeps one block per row
+    (the statistics need no second kernel) but uses the target's widest block, so each SM in
+    use keeps four times the loads in flight, with the serial part of every loop unrolled.
+    Applies only to static shapes with at most ``max_rows`` rows of at least ``min_row``
+    elements; everything else is left to ``GeneralReduction``."""
+
+    def __init__(self, max_rows: int = 128, min_row: int = 65536):
+        self.max_rows, self.min_row = max_rows, min_row
+
+    def apply(self, func, target, _tunable):
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        infos = try_inline_contiguous_spatial(sch, infos) if infos else None
+        if not infos or len(infos) < 2:
+            return None
+        shape = _row_shape(infos)
+        if shape is None:
+            return None
+        n_spatial, n_reduce, rows, row = shape
+        if rows > self.max_rows or row < self.min_row:
+            return None
+        threads = int(target.attrs.get("max_num_threads", 1024))
+        last = sch.get_loops(infos[-1].block_rv)
+        block_loop = sch.fuse(*last[:n_spatial]) if n_spatial > 1 else last[0]
+        inner = sch.fuse(*last[n_spatial:]) if len(last) - n_spatial > 1 else last[n_spatial]
+        serial, lane = sch.split(inner, [None, threads])
+        sch.bind(block_loop, "blockIdx.x")
+        sch.bind(lane, "threadIdx.x")
+        _unroll(sch, serial)
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, block_loop, preserve_unit_loops=True)
+            loops = sch.get_loops(info.block_rv)[-n_reduce:]
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            serial, lane = sch.split(fused, [None, threads])
+            sch.bind(lane, "threadIdx.x")
+            _unroll(sch, serial)
+            for i in range(len(sch.get(info.block_rv).writes)):
+                sch.set_scope(info.block_rv, i, "shared")
+        return sch
+
+
+def _unroll(sch: s_tir.Schedule, loop) -> None:
+    sch.annotate(loop, "pragma_auto_unroll_max_step", 256)
+    sch.annotate(loop, "pragma_unroll_explicit", 1)
+
+
+def _row_shape(infos) -> tuple[int, int, int, int] | None:
+    """(spatial iters, reduction iters, rows, row length) when every block but the last is
+    the same ``S..SR..R`` reduction over static extents and the last block is an injective
+    map over the same ``S..S`` + row iterations; else None."""
+    kind = infos[0].dom_kind()
+    n_spatial = len(kind) - len(kind.lstrip("S"))
+    n_reduce = len(kind) - len(kind.rstrip("R"))
+    if n_spatial == 0 or n_reduce == 0 or n_spatial + n_reduce != len(kind):
+        return None
+    if any(info.dom_kind() != kind for info in infos[:-1]):
+        return None
+    last = infos[-1]
+    if not last.is_injective() or last.dom_kind() != "S" * len(kind):
+        return None
+    extents = []
+    for a, b in zip(infos[0].iters, last.iters, strict=True):
+        if not isinstance(a.dom, int) or a.dom != b.dom:  # dlight gives static extents as int
+            return None
+        extents.append(a.dom)
+    rows = 1
+    for e in extents[:n_spatial]:
+        rows *= e
+    row = 1
+    for e in extents[n_spatial:]:
+        row *= e
+    return n_spatial, n_reduce, rows, row

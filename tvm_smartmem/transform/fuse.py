@@ -107,6 +107,10 @@ class Decision:
 
 
 def _fusable(node: Node) -> bool:
+    # an ``R.reshape`` left by layout elimination is a zero-copy view, never part of a kernel
+    if isinstance(node.value, relax.Call) and isinstance(node.value.op, tvm.ir.Op) and \
+            node.value.op.name == "relax.reshape":
+        return False
     return isinstance(node.value, (relax.Call, relax.TupleGetItem)) and not node.cls.opaque
 
 
