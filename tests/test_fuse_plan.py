@@ -100,6 +100,39 @@ def test_layout_after_a_matmul_goes_to_the_next_kernel():
     assert_matches(run_vm(ex, data), [(data[0] @ data[1]).T + data[2]])
 
 
+@pytest.mark.parametrize("target_name", ["llvm", "opencl"])
+def test_unit_axis_reshape_after_a_matmul_stays_in_its_epilogue(target_name, request):
+    """LeViT's residual: ``(x @ w + b)`` reshaped ``[196, 64] -> [1, 196, 64]``, then added to
+    the residual stream.  Inserting an extent-1 axis is not a layout change -- the epilogue
+    reads the matmul result at its own indices -- so it is one kernel (the GEMM rule still
+    schedules it on GPUs); a reshape that regroups elements stays out (the test above)."""
+
+    def build(bb, x, w, r):
+        y = relax.op.add(relax.op.matmul(x, w), relax.const(np.arange(64, dtype="float32")))
+        return relax.op.add(relax.op.reshape(y, (1, 196, 64)), r)
+
+    mod = _module(build, (196, 32), (32, 64), (1, 196, 64))
+    s = collect(smartmem_pipeline(LLVM)(mod))
+    assert (s.kernels, s.data_movement_kernels) == (1, 0)
+    from tvm_smartmem import targets
+    from tvm_smartmem.pipeline import UP_TO_KERNELS
+
+    target = targets.get(target_name)
+    if target_name == "opencl":
+        cuda = targets.get("cuda")
+        with cuda:
+            kernels = smartmem_pipeline(cuda, phases=UP_TO_KERNELS)(mod)
+        (rule,) = [str(f.attrs["smartmem.schedule_rule"]) for _, f in kernels.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc)]
+        assert rule == "TunedMatmul"
+    dev = request.getfixturevalue("dev") if target_name == "opencl" else None
+    data = [np.random.default_rng(i).standard_normal(shape).astype("float32")
+            for i, shape in enumerate(((196, 32), (32, 64), (1, 196, 64)))]
+    ex = tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
+    expected = (data[0] @ data[1] + np.arange(64, dtype="float32"))[None] + data[2]
+    assert_matches(run_vm(ex, data, dev=dev), [expected])
+
+
 def test_opaque_operators_stay_alone():
     def build(bb, x):
         e = bb.emit(relax.op.exp(x))

@@ -221,10 +221,21 @@ class Planner:
             if i in seen:
                 continue
             seen.add(i)
-            if nodes[i].quadrant.fixed and nodes[i].mapping != M.OPAQUE:
+            if nodes[i].quadrant.fixed and nodes[i].mapping != M.OPAQUE and \
+                    not self._adds_unit_dims(nodes[i]):
                 return True
             frontier.extend(s for s in nodes[i].succs if s in members)
         return False
+
+    def _adds_unit_dims(self, node: Node) -> bool:
+        """A reshape that only inserts or drops extent-1 axes: the epilogue still reads the
+        many-to-many result at its own indices (``[m, n] -> [1, m, n]``)."""
+        if node.mapping != M.REORGANIZE or len(node.preds) != 1 or node.shape is None:
+            return False
+        source = self.ecg.nodes[node.preds[0]].shape
+        if source is None:
+            return False
+        return [d for d in source if d != 1] == [d for d in node.shape if d != 1]
 
     def legal(self, block: set[int]) -> bool:
         if len(block) > self.max_units or not self._convex(block):
