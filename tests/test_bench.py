@@ -96,7 +96,8 @@ def test_stage_selection():
     assert set(only_stages("rewrite")) == set(SMARTMEM_PASSES) - {"MathPropertyRewrite",
                                                                  "RecogniseNormalization"}
     assert "FusePlan" not in only_stages("layout")  # layout decisions need the planner
-    assert only_stages("fusion+layout+tir+rewrite+weights") == ("TunedMatmul",)
+    assert only_stages("fusion+layout+tir+rewrite+weights") == ("TunedMatmul",
+                                                                 "LongRowReduction")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")

@@ -238,9 +238,10 @@ def default_gpu_schedules() -> tvm.transform.Pass:
 
 
 def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tvm.transform.Pass:
-    """The same rules, with a rule that fails on one of our fused kernels skipped for it, and
-    the GEMM knobs measured per target (``TunedMatmul``) unless that is disabled; on texture
-    targets the texture rules of ``tir.schedules`` come first."""
+    """The same rules, with a rule that fails on one of our fused kernels skipped for it, the
+    GEMM knobs measured per target (``TunedMatmul``) and ``LongRowReduction`` for GroupNorm-
+    shaped reductions unless disabled; on texture targets the texture rules of
+    ``tir.schedules`` come first."""
     from .tir.schedule import ApplyScheduleRules
 
     return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable,

@@ -1,4 +1,4 @@
-"""Schedule rules for texture (image2d) memory, in dlight's style: small rules tried in order.
+"""Schedule rules of our own, in dlight's style: small rules tried in order before TVM's.
 
 ``TextureMatmul``  a GEMM (any fused prologue / epilogue) that reads a texture-packed operand
                    (``PackWeightsToTexture``'s ``P[n, k // 4, k % 4]``): the measured GEMM tiling
@@ -9,6 +9,10 @@
 ``TextureElementwise``  an injective kernel *writing* a texture buffer: spatial loops fused
                    onto threads, the lane axis vectorised, so every store is one RGBA write
                    (``LowerTextureAccess`` refuses any other kind of texture store).
+
+``LongRowReduction``  row reductions with few, long rows and their element-wise epilogue
+                   (GroupNorm: 32 rows of up to a million elements) on the widest thread
+                   block, before dlight's ``GeneralReduction`` (256 threads a row).
 
 Kernels without texture buffers are left to the buffer rules that follow in the list.
 """
