@@ -139,6 +139,48 @@ def test_a_reshape_read_by_a_convolution_stays_a_view(then_transpose):
     assert_matches(run_vm(ex, [data]), [ref.astype("float32")])
 
 
+def _conv3x3(x, w):
+    padded = np.pad(x.astype("float64"), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+    return np.einsum("nchwyx,ocyx->nohw", windows, w.astype("float64"))
+
+
+@pytest.mark.parametrize("target_name", ["llvm", "opencl"])
+def test_a_concatenation_folds_into_the_convolution_that_reads_it(target_name, request):
+    """MobileViT's fusion step: conv -> SiLU, concatenated with the block input over channels,
+    -> conv3x3.  The concatenation becomes a select on the second conv's input channel (one
+    uniform branch per channel step), so SiLU joins the first conv's epilogue and no kernel
+    is left for the concatenation: 2 kernels, no data movement (3 before: the concatenation
+    never folded into a many-to-many consumer)."""
+    from tvm_smartmem import targets
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 4, 1, 1)).astype("float32") * 0.5
+    w2 = rng.standard_normal((5, 10, 3, 3)).astype("float32") * 0.2
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 7, 7), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.nn.conv2d(x, relax.const(w1)))
+            s = bb.emit(relax.op.multiply(c, relax.op.sigmoid(c)))
+            cat = bb.emit(relax.op.concat([s, x], axis=1))
+            out = bb.emit_output(relax.op.nn.conv2d(cat, relax.const(w2), padding=1))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    stats = collect(smartmem_pipeline(LLVM)(mod))
+    assert (stats.kernels, stats.data_movement_kernels) == (2, 0)
+    assert collect(smartmem_pipeline(LLVM, disable=("EliminateLayoutTransforms",))(mod)).kernels \
+        == 3
+    target = targets.get(target_name)
+    dev = request.getfixturevalue("dev") if target_name == "opencl" else None
+    data = rng.standard_normal((1, 4, 7, 7)).astype("float32")
+    conv1 = np.einsum("nchw,oc->nohw", data.astype("float64"), w1[:, :, 0, 0])
+    silu = conv1 / (1 + np.exp(-conv1))
+    expected = _conv3x3(np.concatenate([silu, data], axis=1), w2)
+    ex = tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
+    assert_matches(run_vm(ex, [data], dev=dev), [expected.astype("float32")])
+
+
 def test_shared_tensor_gets_one_map_per_consumer():
     """t = transpose(x) feeds two matmuls: each reads x through its own copy of the map."""
     bb = relax.BlockBuilder()

@@ -107,7 +107,9 @@ def _reaches_many_to_many(ecg: ECG, node: Node, mod: tvm.IRModule) -> bool:
         if is_fixed(succ):
             if not selects_per_element(succ, mod):
                 stack.extend(succ.succs)
-        elif succ.mapping == MappingType.MANY_TO_MANY:
+        elif succ.mapping == MappingType.MANY_TO_MANY and "conv" not in succ.op:
+            # a convolution takes a concatenation over its input channels: the select depends
+            # only on the reduction's channel, one uniform branch per channel step
             return True
     return False
 
