@@ -393,17 +393,23 @@ def _torch_peers(names: list[str], args: argparse.Namespace, out: dict,
     return out
 
 
+def relaunch_stage2(script: str, args: argparse.Namespace, extra: list[str] = ()) -> None:
+    """Run ``script measure --stage2`` under the bundle's runtime-only TVM (the sweeps'
+    measure step): same bundle, output and timing protocol, plus ``extra`` arguments."""
+    bundle = Path(args.bundle).resolve()
+    env = _setup_runtime(bundle, Path(args.site))
+    cmd = [sys.executable, script, "measure", "--stage2", "--bundle", str(bundle),
+           "--out", args.out, "--repeat", str(args.repeat), "--number", str(args.number),
+           *extra]
+    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+
+
 def measure(args: argparse.Namespace) -> None:
     if args.stage2:
         _measure_stage2(args)
         return
-    bundle = Path(args.bundle).resolve()
-    env = _setup_runtime(bundle, Path(args.site))
-    cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
-           "--out", args.out, "--repeat", str(args.repeat), "--number", str(args.number),
-           "--warmup", str(args.warmup), "--profile", args.profile] + (
-               ["--peers"] if args.peers else [])
-    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+    relaunch_stage2(__file__, args, ["--warmup", str(args.warmup), "--profile", args.profile]
+                    + (["--peers"] if args.peers else []))
 
 
 # =============================================================================================

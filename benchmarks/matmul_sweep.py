@@ -24,8 +24,6 @@ import json
 import math
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -195,11 +193,7 @@ def measure(args: argparse.Namespace) -> None:
     if args.stage2:
         _measure_stage2(args)
         return
-    bundle = Path(args.bundle).resolve()
-    env = gm._setup_runtime(bundle, Path(args.site))
-    cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
-           "--out", args.out, "--repeat", str(args.repeat), "--number", str(args.number)]
-    raise SystemExit(subprocess.run(cmd, env=env).returncode)
+    gm.relaunch_stage2(__file__, args)
 
 
 # -- report ------------------------------------------------------------------------------------
