@@ -97,7 +97,8 @@ def test_stage_selection():
                                                                  "RecogniseNormalization"}
     assert "FusePlan" not in only_stages("layout")  # layout decisions need the planner
     assert only_stages("fusion+layout+tir+rewrite+weights") == ("TunedMatmul",
-                                                                 "LongRowReduction")
+                                                                 "LongRowReduction",
+                                                                 "FusedAttention")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")

@@ -131,7 +131,10 @@ def fuse_passes(target: Target, smartmem: bool = True,
 
         # yellow decisions: measurements of `tvm-smartmem tune` when there are any; the
         # kernels FuseTIR merged away are dropped (they would still be scheduled and built)
-        return [FusePlan(target, profile_db=pipeline_db()), relax.transform.FuseTIR(),
+        # attentions become one kernel only where the FusedAttention rule schedules them
+        attention = _is_gpu(target) and "FusedAttention" not in disable
+        return [FusePlan(target, profile_db=pipeline_db(), attention=attention),
+                relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination()]
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
@@ -177,7 +180,7 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
-                   "TunedMatmul", "LongRowReduction")
+                   "TunedMatmul", "LongRowReduction", "FusedAttention")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -191,7 +194,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
-    "schedule": ("TunedMatmul", "LongRowReduction"),
+    "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
@@ -211,7 +214,8 @@ def only_stages(spec: str) -> tuple[str, ...]:
     return tuple(p for p in SMARTMEM_PASSES if p not in keep)
 
 
-def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = False) -> list:
+def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = False,
+                  attention: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
     from .tir.matmul import TunedMatmul
@@ -223,6 +227,10 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
         from .tir.schedules import LongRowReduction
 
         rules.insert(3, LongRowReduction())
+    if attention:  # fused attentions (FusePlan made them for this rule)
+        from .tir.attention import FusedAttention
+
+        rules.insert(0, FusedAttention())
     if texture:  # kernels touching images first; the buffer rules take the rest
         from .tir.schedules import TextureElementwise, TextureMatmul
 
@@ -246,6 +254,7 @@ def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tv
 
     return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable,
                                              long_rows="LongRowReduction" not in disable,
+                                             attention="FusedAttention" not in disable,
                                              texture=texture))
 
 

@@ -25,6 +25,11 @@ marked ``consumer`` / ``producer`` is glued to that neighbour before planning, s
 sees (and extends) the glued unit -- this is how injective producers end up inside matmul /
 conv / softmax / layernorm kernels and injective consumers inside their producers' epilogues,
 which TVM's ``FuseOps`` never does.  Opaque operators stay alone.
+
+Attention is glued the same way: a scores matmul, the element-wise ops on the scores, the
+softmax and the matmul with ``V`` (:func:`attention_chains`) form one unit that counts as a
+single many-to-many operator, because one schedule rule (``tir.attention.FusedAttention``)
+computes all of it in one kernel; it is only formed where that rule's size limits hold.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class Unit:
 
     members: set[int]
     mapping: M
-    mtm: int  # many-to-many operators inside
+    mtm: int  # many-to-many operators inside (a glued attention counts as one)
 
     @property
     def opaque(self) -> bool:
@@ -114,8 +119,108 @@ def _fusable(node: Node) -> bool:
     return isinstance(node.value, (relax.Call, relax.TupleGetItem)) and not node.cls.opaque
 
 
-def build_units(ecg: ECG, decisions: dict[str, str]) -> tuple[list[Unit], list[int]]:
-    """Glue layout-eliminated operators to their chosen neighbours (union-find)."""
+def _call_tir_func(node: Node, mod: tvm.IRModule | None):
+    value = node.value
+    if mod is None or not isinstance(value, relax.Call) or \
+            not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.call_tir":
+        return None
+    return mod[value.args[0]]
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _softmax_over_last(func, shape: tuple) -> bool:
+    """Is ``func`` (a legalised softmax) normalising the last axis of ``shape``?  Its row
+    statistics then have the shape without that axis."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    blocks: list = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
+    stats = [b for b in blocks if any(iv.iter_type == tvm.tirx.IterVar.CommReduce
+                                      for iv in b.iter_vars)]
+    if len(stats) != 2 or any([int(d) for d in b.writes[0].source.shape] != list(shape[:-1])
+                              for b in stats):
+        return False
+    # reduced over the last axis: the row maximum's reduction variable indexes the input's
+    # last axis (a square score matrix has the same statistics shape either way)
+    first = stats[0]
+    reduce = [iv.var for iv in first.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+    reads = [r for r in first.reads if r.source.same_as(func.params[0])]
+    return len(reduce) == 1 and len(reads) == 1 and reads[0].region[-1].min.same_as(reduce[0])
+
+
+def _unit_free(shape) -> list:
+    return [d for d in shape if d != 1]
+
+
+def _on_scores(node: Node, scores: tuple, mod: tvm.IRModule | None) -> bool:
+    """An operator between the scores matmul and the softmax that the attention kernel can
+    inline: element-wise (a mask / bias may broadcast: OtM) or a reshape that only adds or
+    drops unit axes (Swin's window mask is added on a 5-D view), with no reduction."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    if not _static(node.shape) or _unit_free(node.shape) != _unit_free(scores):
+        return False
+    if node.mapping == M.REORGANIZE:
+        if not any(k in node.op for k in ("reshape", "squeeze", "expand_dims")):
+            return False
+    elif node.mapping not in (M.ONE_TO_ONE, M.ONE_TO_MANY):
+        return False
+    func = _call_tir_func(node, mod)
+    if func is None:
+        return False
+    blocks: list = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
+    return not any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in blocks
+                   for iv in b.iter_vars)
+
+
+def attention_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[list[int]]:
+    """Node chains ``matmul -> element-wise* -> softmax(last axis) -> matmul`` (the softmax
+    result being the second matmul's left operand) with static shapes that
+    ``FusedAttention`` can schedule and with few enough keys for one kernel to pay off
+    (``attention_pays``); each intermediate is read only by the next node."""
+    from ..tir.attention import attention_fits, shared_budget
+
+    chains = []
+    for qk in ecg:
+        if not qk.op.startswith("matmul") or not _static(qk.shape) or len(qk.shape) < 3:
+            continue
+        path, cur = [qk.index], qk
+        while len(cur.succs) == 1 and not cur.is_output:
+            nxt = ecg.nodes[cur.succs[0]]
+            if nxt.op.startswith("softmax") or not _on_scores(nxt, qk.shape, mod):
+                break
+            path.append(nxt.index)
+            cur = nxt
+        if len(cur.succs) != 1 or cur.is_output:
+            continue
+        sm = ecg.nodes[cur.succs[0]]
+        func = _call_tir_func(sm, mod)
+        if not sm.op.startswith("softmax") or sm.shape != qk.shape or func is None or \
+                not _softmax_over_last(func, sm.shape) or len(sm.succs) != 1 or \
+                sm.is_output:
+            continue
+        pv = ecg.nodes[sm.succs[0]]
+        operands = pv.value.args[1].fields if _call_tir_func(pv, mod) is not None else []
+        if not pv.op.startswith("matmul") or not operands or \
+                not operands[0].same_as(sm.var) or not _static(pv.shape) or \
+                pv.shape[:-1] != qk.shape[:-1] or pv.dtype != qk.dtype:
+            continue
+        itemsize = max(tvm.runtime.DataType(qk.dtype).bits // 8, 1)
+        if attention_fits(qk.shape[-1], pv.shape[-1], itemsize, shared_budget(target)):
+            chains.append([*path, sm.index, pv.index])
+    return chains
+
+
+def build_units(ecg: ECG, decisions: dict[str, str],
+                chains: list[list[int]] = ()) -> tuple[list[Unit], list[int]]:
+    """Glue layout-eliminated operators to their chosen neighbours, and the nodes of each
+    attention chain to each other (union-find)."""
     parent = list(range(len(ecg)))
 
     def find(i: int) -> int:
@@ -137,6 +242,10 @@ def build_units(ecg: ECG, decisions: dict[str, str]) -> tuple[list[Unit], list[i
                 parent[find(node.index)] = find(s)
         elif choice == PRODUCER and len(node.preds) == 1:
             parent[find(node.index)] = find(node.preds[0])
+    for chain in chains:
+        for i in chain[1:]:
+            parent[find(i)] = find(chain[0])
+    attention = {find(chain[0]) for chain in chains}
     groups: dict[int, set[int]] = {}
     for node in ecg:
         groups.setdefault(find(node.index), set()).add(node.index)
@@ -147,7 +256,9 @@ def build_units(ecg: ECG, decisions: dict[str, str]) -> tuple[list[Unit], list[i
             mapping = M.OPAQUE
         else:
             mapping = max((n.mapping for n in nodes), default=M.OPAQUE)
-        units.append(Unit(members, mapping, sum(n.mapping == M.MANY_TO_MANY for n in nodes)))
+        mtm = 1 if find(min(members)) in attention else \
+            sum(n.mapping == M.MANY_TO_MANY for n in nodes)
+        units.append(Unit(members, mapping, mtm))
         for i in members:
             unit_of[i] = len(units) - 1
     return units, unit_of
@@ -384,11 +495,13 @@ def operand_reuse(func) -> float:
     return worst
 
 
-def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target) -> Planner:
+def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
+                 attention: bool = True) -> Planner:
     """The planner for a legalised, layout-planned function (``FusePlan`` and ``tune`` share
     it, so tuning profiles exactly the candidates the pass will ask about)."""
     ecg = build_ecg(func, mod)
-    units, unit_of = build_units(ecg, layout_plan(func))
+    chains = attention_chains(ecg, mod, target) if attention else []
+    units, unit_of = build_units(ecg, layout_plan(func), chains)
     max_args = int(target.attrs.get("max_function_args", 128)) // 2 if target is not None and \
         "max_function_args" in target.attrs else 64
     return Planner(ecg, units, unit_of, cost, target, max_args=max_args, mod=mod)
@@ -396,12 +509,15 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target) -> Plann
 
 def FusePlan(
     target: tvm.target.Target | None = None, profile_db=None, func_name: str = "main",
+    attention: bool = True,
 ) -> tvm.transform.Pass:
     """DNNFusion's planner; replaces ``FuseOps`` in the smartmem pipeline (``FuseTIR`` follows).
 
     ``profile_db`` is a :class:`tvm_smartmem.cost.ProfileDB` (or a path to one) consulted for
     yellow decisions; without it the decisions come from the cost model / analytic estimate.
-    The decisions are recorded on ``main`` as ``smartmem.fusion_decisions``.
+    The decisions are recorded on ``main`` as ``smartmem.fusion_decisions``.  With
+    ``attention=False`` no attention is glued into one kernel (for schedules without the
+    ``FusedAttention`` rule).
     """
     from ..cost import CostLayer
 
@@ -414,7 +530,7 @@ def FusePlan(
                                                         relax.DataflowBlock):
             return relax.transform.FuseOps()(mod)  # control flow: leave it to TVM
         tgt = target or tvm.target.Target.current(allow_none=True)
-        planner = make_planner(func, mod, CostLayer.of(profile_db), tgt)
+        planner = make_planner(func, mod, CostLayer.of(profile_db), tgt, attention)
         ecg = planner.ecg
         blocks = [g for g in planner.run() if len(g) > 1]
         groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]

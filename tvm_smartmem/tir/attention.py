@@ -1,0 +1,275 @@
+"""FusedAttention: one GPU kernel for ``softmax(Q K^T [* s] [+ mask]) V``.
+
+``FusePlan`` puts a whole attention -- the scores matmul, the element-wise ops on the scores
+(scale, mask, bias), the softmax and the matmul with ``V`` -- into one fused function when
+:func:`attention_fits` says this rule can schedule it (see ``transform.fuse``).  After
+``FuseTIR`` and ``InlineDataMovement`` that function is a chain of blocks::
+
+    S[b.., i, j]  += Q[b.., i, d] * K[b.., j, d]      (head split folded into the reads)
+    (element-wise on S)                               -> inlined into their readers
+    M[b.., i]      = max_j S'[b.., i, j]
+    (exp)                                             -> inlined into its readers
+    Z[b.., i]     += exp(S'[b.., i, j] - M)
+    P[b.., i, j]   = exp(S' - M) / Z
+    O[b.., i, e]  += P[b.., i, j] * V[b.., j, e]      (+ epilogue, e.g. the head merge)
+
+The rule gives each thread block ``rows`` query rows of one (batch, head): a ``rows x 32``
+thread block keeps the rows' scores and probabilities in shared memory, the two row statistics
+are warp reductions, and each thread accumulates ``ceil(D / 32)`` outputs in registers.  The
+score matrix never reaches global memory and three launches become one -- what SmartMem and
+DNNFusion count as one fused kernel, scheduled here without tensor cores (the sequences of the
+models we target are short: 50-200 tokens a head).
+
+Anything that does not have exactly this shape is declined (``None``), and the buffer rules
+that follow in the list take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+
+#: Threads along a row (one warp: the row statistics are warp reductions).
+LANES = 32
+#: Shared memory the scores and probabilities of one thread block may take, at most (less
+#: where the target allows less: PoCL's OpenCL target has 16 KiB).
+SHARED_BYTES = 32 * 1024
+#: Longest key sequence and widest head the rule takes.
+MAX_KEYS = 2048
+MAX_HEAD_DIM = 256
+
+
+#: Longest key sequence for which FusePlan makes the attention one kernel.  Measured on the
+#: H100 (``benchmarks/results/gpu_attention_h100_*.md``): with 49 keys (Swin), 128 (BERT,
+#: DistilBERT, GPT-2) and LLaMA's prefill the fused kernel beats the GEMM + softmax + GEMM
+#: kernels; with 197 (ViT-B, DeiT-S) it runs at ~1 TFLOP/s without tensor cores and loses
+#: (ViT's 12 attentions 882 us fused against ~740 us split), so longer ones stay split.
+PROFITABLE_KEYS = 160
+
+
+def attention_pays(keys: int) -> bool:
+    """Is one fused kernel measured to be faster than three for ``keys`` keys?"""
+    return keys <= PROFITABLE_KEYS
+
+
+def shared_budget(target=None) -> int:
+    """Bytes of shared memory a thread block of the rule may use on ``target``."""
+    if target is None or "max_shared_memory_per_block" not in target.attrs:
+        return SHARED_BYTES
+    return min(SHARED_BYTES, int(target.attrs["max_shared_memory_per_block"]))
+
+
+def rows_per_block(keys: int, itemsize: int = 4, max_threads: int = 1024,
+                   shared: int = SHARED_BYTES) -> int:
+    """Query rows per thread block: as many as ``shared`` bytes hold (two ``rows x keys``
+    buffers), at most 8, a power of two."""
+    rows = 8
+    while rows > 1 and (2 * rows * keys * itemsize > shared or rows * LANES > max_threads):
+        rows //= 2
+    return rows
+
+
+def attention_fits(keys: int, head_dim: int, itemsize: int = 4,
+                   shared: int = SHARED_BYTES) -> bool:
+    """Can :class:`FusedAttention` schedule an attention with these static sizes (one row of
+    scores and probabilities per block must fit in ``shared`` bytes)?"""
+    return 0 < keys <= MAX_KEYS and 0 < head_dim <= MAX_HEAD_DIM and \
+        2 * keys * itemsize <= shared
+
+
+@dataclasses.dataclass
+class _Blocks:
+    scores: object  # the QK^T reduction
+    stats: list  # row reductions (max, sum)
+    probs: object  # the spatial block the PV reduction reads
+    out: object  # the PV reduction
+
+
+def _kinds(sch: s_tir.Schedule, block) -> str:
+    return "".join("S" if iv.iter_type == tirx.IterVar.DataPar else
+                   "R" if iv.iter_type == tirx.IterVar.CommReduce else "O"
+                   for iv in sch.get(block).iter_vars)
+
+
+def _written(sch: s_tir.Schedule, block) -> set:
+    return {w.source for w in sch.get(block).writes}
+
+
+def _read(sch: s_tir.Schedule, block) -> set:
+    return {r.source for r in sch.get(block).reads}
+
+
+def _inline_around(sch: s_tir.Schedule) -> _Blocks | None:
+    """Inline every spatial block but the probabilities, reverse-inline the epilogue; return
+    the remaining blocks when they have the attention shape."""
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    kinds = [_kinds(sch, b) for b in blocks]
+    reductions = [k for k, kind in enumerate(kinds) if "R" in kind]
+    if len(reductions) != 4 or any("O" in kind for kind in kinds):
+        return None
+    first, last = reductions[0], reductions[-1]
+    # the probabilities: the spatial block(s) between the statistics and PV that PV reads
+    pv_reads = _read(sch, blocks[last])
+    probs = [k for k in range(reductions[2] + 1, last)
+             if _written(sch, blocks[k]) & pv_reads]
+    if len(probs) != 1:
+        return None
+    keep = set(reductions) | set(probs)
+    names = [sch.get(b).name_hint for b in blocks]
+    # prologue and score element-wise blocks: inline (last first, so readers stay blocks)
+    for k in reversed(range(last)):
+        if k in keep:
+            continue
+        sch.compute_inline(sch.get_sblock(names[k]))
+    # epilogue after PV: stays a separate block; written from registers later
+    epilogue = [names[k] for k in range(last + 1, len(blocks))]
+    return _Blocks(sch.get_sblock(names[first]),
+                   [sch.get_sblock(names[k]) for k in reductions[1:3]],
+                   sch.get_sblock(names[probs[0]]), sch.get_sblock(names[last])) \
+        if _shapes_ok(sch, names, reductions, probs[0], epilogue) else None
+
+
+def _shapes_ok(sch, names, reductions, probs, epilogue) -> bool:
+    s, m, z, o = (sch.get(sch.get_sblock(names[k])) for k in reductions)
+    p = sch.get(sch.get_sblock(names[probs]))
+    n = len(s.iter_vars) - 1  # batch.. + i + j spatial, d reduced
+    if n < 2 or [iv.iter_type for iv in s.iter_vars][-1] != tirx.IterVar.CommReduce:
+        return False
+    if any(len(b.iter_vars) != n for b in (m, z)) or len(p.iter_vars) != n or \
+            len(o.iter_vars) != n + 1:
+        return False
+    for b in (s, m, z, p, o):
+        if any(not isinstance(iv.dom.extent, tirx.IntImm) for iv in b.iter_vars):
+            return False
+    # the rows reduced by the statistics are the score rows, PV reduces over the keys
+    keys = int(s.iter_vars[n - 1].dom.extent)
+    return int(m.iter_vars[-1].dom.extent) == keys and int(z.iter_vars[-1].dom.extent) == keys \
+        and int(o.iter_vars[-1].dom.extent) == keys
+
+
+class FusedAttention(dl.ScheduleRule):
+    """Schedule a fused attention kernel (see module doc); decline anything else."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
+            return None
+        sch = s_tir.Schedule(func)
+        found = _inline_around(sch)
+        if found is None:
+            return None
+        out = sch.get(found.out)
+        keys = int(out.iter_vars[-1].dom.extent)
+        head_dim = int(out.iter_vars[-2].dom.extent)
+        itemsize = max(out.writes[0].source.dtype.bits // 8, 1)
+        shared = shared_budget(target)
+        if not attention_fits(keys, head_dim, itemsize, shared):
+            return None
+        threads = int(target.attrs.get("max_num_threads", 1024))
+        key_reads = _key_reads(sch, found.scores)
+        depth = int(sch.get(found.scores).iter_vars[-1].dom.extent)
+        tiles = len(key_reads) * LANES * (depth + 1) * itemsize
+        cache_keys = 2 * keys * itemsize + tiles <= shared
+        rows = rows_per_block(keys, itemsize, threads, shared - tiles if cache_keys else shared)
+        n_batch = len(out.iter_vars) - 3
+        queries = int(out.iter_vars[-3].dom.extent)
+        while rows > max(queries, 1):  # no thread rows beyond the queries (a decode step: 1)
+            rows //= 2
+
+        # PV: blockIdx = (batch.., row tile); threadIdx.y = row; threadIdx.x = head dim lanes
+        loops = sch.get_loops(found.out)
+        batch, i, e, j = loops[:n_batch], loops[n_batch], loops[n_batch + 1], loops[-1]
+        io, ii = sch.split(i, [None, rows])
+        eo, ex = sch.split(e, [None, LANES])
+        sch.reorder(*batch, io, ii, ex, eo, j)
+        bx = sch.fuse(*batch, io) if batch else io
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(ii, "threadIdx.y")
+        sch.bind(ex, "threadIdx.x")
+        # accumulate in registers; the epilogue (head merge, bias ...) writes from them, one
+        # output at a time (at the lane loop the strided outputs' region would be relaxed to
+        # an interval covering other lanes' outputs)
+        acc = sch.cache_write(found.out, 0, "local")
+        for name in _epilogue_names(sch):
+            sch.reverse_compute_inline(sch.get_sblock(name))
+        sch.reverse_compute_at(acc, eo, preserve_unit_loops=True)
+
+        # producers, last first, each at the block loop with rows on threadIdx.y
+        for block in (found.probs, *reversed(found.stats)):
+            sch.compute_at(block, bx, preserve_unit_loops=True)
+            inner = sch.get_loops(block)[-2:]
+            sch.bind(inner[0], "threadIdx.y")
+            _, lane = sch.split(inner[1], [None, LANES])
+            sch.bind(lane, "threadIdx.x")
+            # for the statistics the key loop on threadIdx.x makes a warp reduction whose
+            # result every lane keeps in a register: in shared memory, written by lane 0 and
+            # read by all, TVM's ThreadSync sees the same index [threadIdx.y] on both sides,
+            # takes it for one thread and leaves out the barrier (a race on real GPUs)
+            sch.set_scope(block, 0, "shared" if block is found.probs else "local")
+        _schedule_scores(sch, found.scores, bx, key_reads if cache_keys else [], rows)
+        return sch
+
+
+def _key_reads(sch: s_tir.Schedule, scores) -> list[int]:
+    """Indices of the scores block's reads that depend on the key index (K, and in LLaMA the
+    rotary tables): these are staged through shared memory 32 keys at a time."""
+    block = sch.get(scores)
+    key = block.iter_vars[-2].var
+    out = []
+    for k, region in enumerate(block.reads):
+        used = [v for r in region.region for v in _vars(r.min)]
+        if any(v.same_as(key) for v in used):
+            out.append(k)
+    return out
+
+
+def _vars(expr) -> list:
+    import tvm_ffi
+
+    found: list = []
+    tvm_ffi.structural_walk(expr, (type(tirx.Var("x", "int32")), found.append))
+    return found
+
+
+def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows: int) -> None:
+    """Scores of the block's rows against 32 keys at a time: rows on threadIdx.y, keys on
+    threadIdx.x, each score summed over the head dimension in a register.  The 32 keys' rows
+    of K are first copied to shared memory by the whole block (coalesced, padded by one word
+    against bank conflicts); read straight from global memory, each lane would fetch another
+    row and every warp load would touch 32 cache lines."""
+    sch.compute_at(scores, bx, preserve_unit_loops=True)
+    i, j, d = sch.get_loops(scores)[-3:]
+    jo, lane = sch.split(j, [None, LANES])
+    sch.reorder(jo, i, lane, d)
+    sch.bind(i, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    sch.set_scope(scores, 0, "shared")
+    # each score summed in a register, stored to shared memory once: an accumulation in
+    # shared memory would need a barrier per step
+    copy = sch.cache_write(scores, 0, "local")
+    sch.reverse_compute_at(copy, lane, preserve_unit_loops=True)
+    depth = [sch.get(lp).same_as(sch.get(jo)) for lp in sch.get_loops(scores)].index(True) + 1
+    for k in key_reads:
+        tile = sch.cache_read(scores, k, "shared")
+        sch.compute_at(tile, jo, preserve_unit_loops=True)
+        loops = sch.get_loops(tile)[depth:]
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        _, ty, tx = sch.split(fused, [None, rows, LANES])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.storage_align(tile, 0, axis=-2, factor=32, offset=1)
+
+
+def _epilogue_names(sch: s_tir.Schedule) -> list[str]:
+    """Blocks after the register write-back of PV (spatial, applied to its result)."""
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    local = [k for k, b in enumerate(blocks)
+             if any(w.source.scope() == "local" for w in sch.get(b).writes)]
+    if not local:
+        return []
+    # the write-back block follows the local accumulation; epilogue blocks follow it, each
+    # inlined into the one before (in order: each reads its predecessor's result)
+    return names[local[-1] + 2:]
