@@ -17,6 +17,7 @@ from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.tir.attention import (
     MAX_KEYS,
     attention_fits,
+    attention_pays,
     rows_per_block,
     shared_budget,
 )
@@ -205,6 +206,16 @@ def test_long_sequences_stay_three_kernels():
     assert not attention_fits(keys, 64)
     mod, _ = _attention_module(1, 1, 4, keys, 16, 16, "none", 0.25, False)
     assert _softmax_rules(_lowered(mod, CUDA)) == ["GeneralReduction"]
+
+
+def test_long_rows_stay_split_where_fusion_was_measured_to_lose():
+    """197 keys (ViT-B / DeiT-S): the rule could schedule it, but the H100 measurements say
+    three kernels are faster, so FusePlan leaves them split; 128 keys are fused."""
+    assert attention_fits(197, 64) and not attention_pays(197) and attention_pays(128)
+    for keys, fused in ((197, False), (128, True)):
+        mod, _ = _attention_module(1, 2, 8, keys, 16, 16, "none", 0.25, False)
+        rules = _softmax_rules(_lowered(mod, CUDA))
+        assert rules == (["FusedAttention"] if fused else ["GeneralReduction"])
 
 
 def test_rows_per_block_respects_shared_memory():

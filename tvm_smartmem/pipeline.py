@@ -15,8 +15,10 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
                         ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
     layout              EliminateLayoutTransforms                     (decisions as attributes)
-    fuse                FusePlan (DNNFusion planner; FuseOps for the baseline), then FuseTIR
-    tir                 InlineDataMovement, SimplifyIndices, then dlight schedules
+    fuse                FusePlan (DNNFusion planner, attention chains glued on GPUs; FuseOps
+                        for the baseline), then FuseTIR
+    tir                 InlineDataMovement, SimplifyIndices, then dlight schedules with ours
+                        in front (FusedAttention, TunedMatmul, LongRowReduction)
                         (+ LowerTextureAccess on texture targets; BlockedReductions on CPUs)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
     finalize            memory planning, VM lowering (TVM's own)

@@ -42,10 +42,11 @@ MAX_HEAD_DIM = 256
 
 
 #: Longest key sequence for which FusePlan makes the attention one kernel.  Measured on the
-#: H100 (``benchmarks/results/gpu_attention_h100_*.md``): with 49 keys (Swin), 128 (BERT,
+#: H100 (``benchmarks/results/gpu_attention_h100_df3f5b8.md``): with 49 keys (Swin), 128 (BERT,
 #: DistilBERT, GPT-2) and LLaMA's prefill the fused kernel beats the GEMM + softmax + GEMM
-#: kernels; with 197 (ViT-B, DeiT-S) it runs at ~1 TFLOP/s without tensor cores and loses
-#: (ViT's 12 attentions 882 us fused against ~740 us split), so longer ones stay split.
+#: kernels by 2-4% end to end; with 197 (ViT-B, DeiT-S) it runs at ~1 TFLOP/s without tensor
+#: cores and loses (ViT's 12 attentions 882 us fused against ~740 us split), so longer ones
+#: stay split.
 PROFITABLE_KEYS = 160
 
 

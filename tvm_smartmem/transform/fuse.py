@@ -184,7 +184,7 @@ def attention_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[li
     result being the second matmul's left operand) with static shapes that
     ``FusedAttention`` can schedule and with few enough keys for one kernel to pay off
     (``attention_pays``); each intermediate is read only by the next node."""
-    from ..tir.attention import attention_fits, shared_budget
+    from ..tir.attention import attention_fits, attention_pays, shared_budget
 
     chains = []
     for qk in ecg:
@@ -212,7 +212,8 @@ def attention_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[li
                 pv.shape[:-1] != qk.shape[:-1] or pv.dtype != qk.dtype:
             continue
         itemsize = max(tvm.runtime.DataType(qk.dtype).bits // 8, 1)
-        if attention_fits(qk.shape[-1], pv.shape[-1], itemsize, shared_budget(target)):
+        if attention_fits(qk.shape[-1], pv.shape[-1], itemsize, shared_budget(target)) and \
+                attention_pays(qk.shape[-1]):
             chains.append([*path, sm.index, pv.index])
     return chains
 
