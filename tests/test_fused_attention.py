@@ -236,3 +236,23 @@ def test_ablation_switch_keeps_the_split_kernels():
     assert _softmax_rules(on) == ["FusedAttention"]
     assert _softmax_rules(off) == ["GeneralReduction"]
     assert collect(off).kernels == collect(on).kernels + 2
+
+
+def test_planner_glues_attentions_by_target_unless_told():
+    """``tune`` and ``FusePlan`` share ``make_planner``: by default attentions are one unit on
+    GPU targets only, so tuning on a CPU asks the questions the CPU build will ask."""
+    from tvm_smartmem.cost import CostLayer
+    from tvm_smartmem.transform.fuse import make_planner
+
+    mod, _ = _attention_module(1, 2, 8, 16, 8, 8, "add", 0.5, False)
+    with OPENCL:
+        planned = smartmem_pipeline(OPENCL, phases=("library_dispatch", "graph", "legalize",
+                                                    "layout"))(mod)
+
+    def units(target, attention=None) -> int:
+        return len(make_planner(planned["main"], planned, CostLayer.of(None), target,
+                                attention).units)
+
+    assert units(CUDA) == units(OPENCL) < units(LLVM)
+    assert units(LLVM, attention=True) == units(CUDA)
+    assert units(CUDA, attention=False) == units(LLVM)

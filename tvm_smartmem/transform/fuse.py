@@ -497,9 +497,12 @@ def operand_reuse(func) -> float:
 
 
 def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
-                 attention: bool = True) -> Planner:
+                 attention: bool | None = None) -> Planner:
     """The planner for a legalised, layout-planned function (``FusePlan`` and ``tune`` share
-    it, so tuning profiles exactly the candidates the pass will ask about)."""
+    it, so tuning profiles exactly the candidates the pass will ask about).  ``attention``:
+    glue attention chains (default: on GPU targets, where ``FusedAttention`` schedules them)."""
+    if attention is None:
+        attention = target is not None and target.kind.name != "llvm"
     ecg = build_ecg(func, mod)
     chains = attention_chains(ecg, mod, target) if attention else []
     units, unit_of = build_units(ecg, layout_plan(func), chains)
@@ -510,15 +513,15 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
 
 def FusePlan(
     target: tvm.target.Target | None = None, profile_db=None, func_name: str = "main",
-    attention: bool = True,
+    attention: bool | None = None,
 ) -> tvm.transform.Pass:
     """DNNFusion's planner; replaces ``FuseOps`` in the smartmem pipeline (``FuseTIR`` follows).
 
     ``profile_db`` is a :class:`tvm_smartmem.cost.ProfileDB` (or a path to one) consulted for
     yellow decisions; without it the decisions come from the cost model / analytic estimate.
-    The decisions are recorded on ``main`` as ``smartmem.fusion_decisions``.  With
-    ``attention=False`` no attention is glued into one kernel (for schedules without the
-    ``FusedAttention`` rule).
+    The decisions are recorded on ``main`` as ``smartmem.fusion_decisions``.  Attentions are
+    glued into one kernel on GPU targets unless ``attention=False`` (for schedules without the
+    ``FusedAttention`` rule); ``attention=True`` forces it.
     """
     from ..cost import CostLayer
 
