@@ -133,8 +133,9 @@ def fuse_passes(target: Target, smartmem: bool = True,
 
         # yellow decisions: measurements of `tvm-smartmem tune` when there are any; the
         # kernels FuseTIR merged away are dropped (they would still be scheduled and built)
-        # attentions become one kernel only where the FusedAttention rule schedules them
-        attention = _is_gpu(target) and "FusedAttention" not in disable
+        # attentions become one kernel on GPU targets (FusePlan's default), where the
+        # FusedAttention rule schedules them, unless that rule is disabled
+        attention = False if "FusedAttention" in disable else None
         return [FusePlan(target, profile_db=pipeline_db(), attention=attention),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination()]

@@ -223,7 +223,8 @@ def op_name(call) -> str | None:
 # -- PrimFuncs -------------------------------------------------------------------------------
 
 
-def _blocks(func: tirx.PrimFunc) -> list:
+def prim_blocks(func: tirx.PrimFunc) -> list:
+    """The blocks of ``func`` in program order, without the implicit root block."""
     found: list = []
     tvm_ffi.structural_walk(func.body, (s_tir.SBlock, found.append))
     return [b for b in found if b.name_hint != "root"]
@@ -265,7 +266,7 @@ def _movement_kind(func: tirx.PrimFunc) -> MappingType:
         return MappingType.ONE_TO_MANY  # broadcast, tile, pad
     if out_n < in_n[0]:
         return MappingType.ONE_TO_ONE  # slice
-    blocks = _blocks(func)
+    blocks = prim_blocks(func)
     if len(blocks) != 1:
         return MappingType.SHUFFLE
     return _reorganize_or_shuffle(blocks[0], ins[0], out)

@@ -218,20 +218,9 @@ def _key_reads(sch: s_tir.Schedule, scores) -> list[int]:
     rotary tables): these are staged through shared memory 32 keys at a time."""
     block = sch.get(scores)
     key = block.iter_vars[-2].var
-    out = []
-    for k, region in enumerate(block.reads):
-        used = [v for r in region.region for v in _vars(r.min)]
-        if any(v.same_as(key) for v in used):
-            out.append(k)
-    return out
-
-
-def _vars(expr) -> list:
-    import tvm_ffi
-
-    found: list = []
-    tvm_ffi.structural_walk(expr, (type(tirx.Var("x", "int32")), found.append))
-    return found
+    return [k for k, region in enumerate(block.reads)
+            if any(v.same_as(key) for r in region.region
+                   for v in tirx.analysis.undefined_vars(r.min))]
 
 
 def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows: int) -> None:

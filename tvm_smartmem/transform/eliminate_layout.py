@@ -124,12 +124,9 @@ def writes_through_complete_block(node: Node, mod: tvm.IRModule) -> bool:
     func = mod[value.args[0]]
     if not isinstance(func, tirx.PrimFunc):
         return False
-    import tvm_ffi
-    from tvm import s_tir
+    from ..analysis.classify import prim_blocks
 
-    blocks: list = []
-    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
-    blocks = [b for b in blocks if b.name_hint != "root"]
+    blocks = prim_blocks(func)
     if not blocks:
         return False
     last = blocks[-1]

@@ -41,6 +41,7 @@ import tvm
 from tvm import relax
 
 from ..analysis.classify import MappingType as M
+from ..analysis.classify import prim_blocks
 from ..analysis.ecg import ECG, Node, build_ecg
 from .eliminate_layout import CONSUMER, PRODUCER, layout_plan
 from .partition import fuse_groups
@@ -134,12 +135,7 @@ def _static(shape) -> bool:
 def _softmax_over_last(func, shape: tuple) -> bool:
     """Is ``func`` (a legalised softmax) normalising the last axis of ``shape``?  Its row
     statistics then have the shape without that axis."""
-    import tvm_ffi
-    from tvm import s_tir
-
-    blocks: list = []
-    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
-    stats = [b for b in blocks if any(iv.iter_type == tvm.tirx.IterVar.CommReduce
+    stats = [b for b in prim_blocks(func) if any(iv.iter_type == tvm.tirx.IterVar.CommReduce
                                       for iv in b.iter_vars)]
     if len(stats) != 2 or any([int(d) for d in b.writes[0].source.shape] != list(shape[:-1])
                               for b in stats):
@@ -160,9 +156,6 @@ def _on_scores(node: Node, scores: tuple, mod: tvm.IRModule | None) -> bool:
     """An operator between the scores matmul and the softmax that the attention kernel can
     inline: element-wise (a mask / bias may broadcast: OtM) or a reshape that only adds or
     drops unit axes (Swin's window mask is added on a 5-D view), with no reduction."""
-    import tvm_ffi
-    from tvm import s_tir
-
     if not _static(node.shape) or _unit_free(node.shape) != _unit_free(scores):
         return False
     if node.mapping == M.REORGANIZE:
@@ -173,9 +166,7 @@ def _on_scores(node: Node, scores: tuple, mod: tvm.IRModule | None) -> bool:
     func = _call_tir_func(node, mod)
     if func is None:
         return False
-    blocks: list = []
-    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
-    return not any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in blocks
+    return not any(iv.iter_type != tvm.tirx.IterVar.DataPar for b in prim_blocks(func)
                    for iv in b.iter_vars)
 
 
@@ -376,11 +367,8 @@ class Planner:
     def _reuse(self, i: int) -> float:
         """How often the kernel of node ``i`` reads each element of its inputs, at most
         (iterations of its reduction blocks over input size; unknown: treated as large)."""
-        value = self.ecg.nodes[i].value
-        if self.mod is None or not isinstance(value, relax.Call) or \
-                not isinstance(value.op, tvm.ir.Op) or value.op.name != "relax.call_tir":
-            return float("inf")
-        return operand_reuse(self.mod[value.args[0]])
+        func = _call_tir_func(self.ecg.nodes[i], self.mod)
+        return float("inf") if func is None else operand_reuse(func)
 
     # -- growth --------------------------------------------------------------------------------
     def _label(self, u: int) -> str:
@@ -467,8 +455,7 @@ REUSE_LIMIT = 4
 def operand_reuse(func) -> float:
     """Iterations of ``func``'s reduction blocks per element of its largest-read input: 1 for
     a row reduction, ``n`` for a matmul operand (``m * n * k`` iterations over ``m * k``)."""
-    import tvm_ffi
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
     if not isinstance(func, tirx.PrimFunc):
         return float("inf")
@@ -477,10 +464,8 @@ def operand_reuse(func) -> float:
         dims = [int(d.value) if isinstance(d, tirx.IntImm) else None
                 for d in getattr(p, "shape", [])]
         sizes[p.name] = None if None in dims else max(1, int(np.prod(dims))) if dims else 1
-    blocks: list = []
-    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
     worst = 0.0
-    for block in blocks:
+    for block in prim_blocks(func):
         if not any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
             continue
         extents = [iv.dom.extent for iv in block.iter_vars]
