@@ -22,6 +22,7 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["tvm_smartmem", "tvm_smartmem.*"]),
     package_data={"tvm_smartmem": ["runtime/opencl/*.cc", "runtime/opencl/*.h",
+                                   "runtime/opencl/shim/tvm/support/*.h",
                                    "tir/matmul_configs.json"]},
     install_requires=[
         *TVM_PINS,

@@ -19,9 +19,12 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
                         for the baseline), then FuseTIR
     tir                 InlineDataMovement, SimplifyIndices, then dlight schedules with ours
                         in front (FusedAttention, TunedMatmul, LongRowReduction)
-                        (+ LowerTextureAccess on texture targets; BlockedReductions on CPUs)
+                        (+ PackActivationsToTexture before and LowerTextureAccess after the
+                        schedules on texture targets; BlockedReductions on CPUs)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
+                        (+ AllocateTextureTensors on texture targets)
     finalize            memory planning, VM lowering (TVM's own)
+                        (+ TextureStorageViews on texture targets)
 
 Passes in brackets join their phase as their issues land (see CONTRIBUTING.md, "Adding a
 pass").  ``disable`` switches named smartmem passes off (the benchmark ablation uses it).
@@ -161,6 +164,12 @@ def tir_passes(target: Target, smartmem: bool = True,
             passes += _enabled([("BlockedReductions", BlockedReductions)], disable)
         return passes
     texture = target_kind(target) == "opencl-texture"
+    if smartmem and texture and "PackActivationsToTexture" not in disable:
+        # intermediate tensors into RGBA images, packed by their readers' reduction axis; the
+        # decision tries the kernels on the rules that schedule them next
+        from .transform.texture_activations import PackActivationsToTexture
+
+        passes.append(PackActivationsToTexture(target, gpu_rules(disable, texture)))
     passes.append(gpu_schedules(disable, texture) if smartmem else default_gpu_schedules())
     if texture:
         # texture-scoped buffers (packed weights) become image reads / writes; a no-op for
@@ -183,7 +192,8 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "ClassifyOperators", "SplitToSlices",
                    "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
-                   "TunedMatmul", "LongRowReduction", "FusedAttention")
+                   "TunedMatmul", "LongRowReduction", "FusedAttention",
+                   "PackActivationsToTexture")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -192,7 +202,7 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
 STAGES: dict[str, tuple[str, ...]] = {
     "fusion": ("ClassifyOperators", "FusePlan"),
     "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll", "EliminateLayoutTransforms",
-               "FusePlan"),
+               "FusePlan", "PackActivationsToTexture"),
     "tir": ("InlineDataMovement", "SimplifyIndices", "BlockedReductions"),
     "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
@@ -235,9 +245,9 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
 
         rules.insert(0, FusedAttention())
     if texture:  # kernels touching images first; the buffer rules take the rest
-        from .tir.schedules import TextureElementwise, TextureMatmul
+        from .tir.schedules import TextureElementwise, TextureMatmul, TextureRowReduction
 
-        rules = [TextureElementwise(), TextureMatmul(), *rules]
+        rules = [TextureElementwise(), TextureMatmul(), TextureRowReduction(), *rules]
     return rules
 
 
@@ -248,6 +258,13 @@ def default_gpu_schedules() -> tvm.transform.Pass:
     return dl.ApplyDefaultSchedule(*_dlight_rules())
 
 
+def gpu_rules(disable: frozenset = frozenset(), texture: bool = False) -> list:
+    """The smartmem pipeline's schedule rules, in the order they are tried."""
+    return _dlight_rules(tuned="TunedMatmul" not in disable,
+                         long_rows="LongRowReduction" not in disable,
+                         attention="FusedAttention" not in disable, texture=texture)
+
+
 def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tvm.transform.Pass:
     """The same rules, with a rule that fails on one of our fused kernels skipped for it, the
     GEMM knobs measured per target (``TunedMatmul``) and ``LongRowReduction`` for GroupNorm-
@@ -255,20 +272,23 @@ def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tv
     ``tir.schedules`` come first."""
     from .tir.schedule import ApplyScheduleRules
 
-    return ApplyScheduleRules(*_dlight_rules(tuned="TunedMatmul" not in disable,
-                                             long_rows="LongRowReduction" not in disable,
-                                             attention="FusedAttention" not in disable,
-                                             texture=texture))
+    return ApplyScheduleRules(*gpu_rules(disable, texture))
 
 
 def dataflow_lower_passes(target: Target, smartmem: bool = True,
                           disable: frozenset = frozenset()) -> list[tvm.transform.Pass]:
-    return [
+    passes = [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
     ]
+    if target_kind(target) == "opencl-texture":
+        # outputs the kernels declare in a texture scope are allocated in it (no-op otherwise)
+        from .transform.texture_alloc import AllocateTextureTensors
+
+        passes.append(AllocateTextureTensors())
+    return passes
 
 
 def finalize_passes(target: Target, smartmem: bool = True,
@@ -276,8 +296,7 @@ def finalize_passes(target: Target, smartmem: bool = True,
     passes = [relax.transform.StaticPlanBlockMemory()]
     if target_kind(target) == "cuda":
         passes.append(relax.transform.RewriteCUDAGraph())
-    return [
-        *passes,
+    passes += [
         relax.transform.LowerAllocTensor(),
         relax.transform.KillAfterLastUse(),
         relax.transform.LowerRuntimeBuiltin(),
@@ -285,6 +304,12 @@ def finalize_passes(target: Target, smartmem: bool = True,
         relax.transform.VMShapeLower(),
         relax.transform.AttachGlobalSymbol(),
     ]
+    if target_kind(target) == "opencl-texture":
+        # tensors planned into texture storage become images (scoped views; no-op otherwise)
+        from .transform.texture_views import TextureStorageViews
+
+        passes.append(TextureStorageViews())
+    return passes
 
 
 PHASES: list[tuple[str, Callable[..., list[tvm.transform.Pass]]]] = [

@@ -6,9 +6,15 @@
                    RGBA lanes, so each fetch of the packed operand is one ``read_imagef`` of a
                    whole texel (a 2-wide fetch would split texels, which the OpenCL code
                    generator cannot express).  The reduction step is kept a multiple of 4.
-``TextureElementwise``  an injective kernel *writing* a texture buffer: spatial loops fused
-                   onto threads, the lane axis vectorised, so every store is one RGBA write
-                   (``LowerTextureAccess`` refuses any other kind of texture store).
+``TextureElementwise``  an injective kernel *writing* a texture buffer: iterated over the
+                   texture's texels (a packed activation's ``c // 4, c % 4``), spatial loops
+                   fused onto threads, the lane axis vectorised, so every store is one RGBA
+                   write (``LowerTextureAccess`` refuses any other kind of texture store).
+``TextureRowReduction``  a layernorm / softmax / RMSNorm whose output is a texture packed
+                   along the row: each thread reduces and writes whole texels.
+
+Every texture store is *staged* (:func:`stage_texture_writes`): computed into four registers,
+then written by a copy that always vectorises into one RGBA write.
 
 ``LongRowReduction``  row reductions with few, long rows and their element-wise epilogue
                    (GroupNorm: 32 rows of up to a million elements) on the widest thread
@@ -41,6 +47,87 @@ def _reads_texture(func: tirx.PrimFunc) -> bool:
     return any(is_texture(ld.source) for ld in loads)
 
 
+def _writes_texture(func: tirx.PrimFunc) -> bool:
+    stores: list = []
+    tvm_ffi.structural_walk(func.body, (tirx.BufferStore, stores.append))
+    return any(is_texture(st.buffer) for st in stores)
+
+
+def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
+    """Every block writing a texture from the body of a vectorised 4-lane loop computes into
+    registers instead, and a copy block writes the texels from them; None when a thread's
+    texels are not one contiguous tile (the rule then declines the kernel).
+
+    TVM's ``VectorizeLoop`` cannot vectorise every body (a GELU's ``erf``, a select of two
+    loads): such a loop is scalarised whole, and a scalarised texture store writes its texel
+    four times with one lane broadcast -- wrong values, found on a BERT FFN's GEMM epilogue.
+    The copy block's body is a plain load, which always vectorises into one RGBA write; the
+    computing loop becomes an unrolled scalar loop into registers.
+
+    The copy sits right under the innermost thread-bound loop, so the registers hold the
+    thread's whole tile and every texel's vector load reads its own registers: TVM's OpenCL
+    code generator reuses a printed vector load of a local array by its text, across the stores
+    in between, so one staging buffer reused per texel wrote every texel of a GEMM tile with the
+    first one's value.  ``reverse_compute_at`` covers the hull of what the thread computed, so
+    the thread's texels must be contiguous (checked); and it does not carry the computing block's
+    predicate over (a tile that overhangs the tensor), while an image write out of range is
+    undefined -- PoCL writes into the next row -- so the copy is guarded by the image's bounds."""
+    from ..analysis.classify import prim_blocks
+    from .texture import LANES
+
+    copies: list[str] = []
+    for block in prim_blocks(sch.mod["main"]):
+        texture_writes = [i for i, w in enumerate(block.writes) if is_texture(w.source)]
+        if len(texture_writes) != 1 or block.init is not None:
+            continue
+        block_rv = sch.get_sblock(block.name_hint)
+        loops = sch.get_loops(block_rv)
+        lane = sch.get(loops[-1])
+        if len(loops) < 2 or lane.kind != tirx.ForKind.VECTORIZED or \
+                not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
+            continue
+        bound = [k for k, lp in enumerate(loops[:-1]) if sch.get(lp).thread_binding is not None]
+        at = bound[-1] if bound else len(loops) - 2
+        computed = _extent_product(sch, loops[at + 1:])
+        copy = sch.cache_write(block_rv, texture_writes[0], "local")
+        sch.reverse_compute_at(copy, loops[at], preserve_unit_loops=True)
+        copy_loops = sch.get_loops(copy)[at + 1:]
+        if computed is None or _extent_product(sch, copy_loops) != computed:
+            return None  # the hull the copy covers holds texels of other threads
+        sch.vectorize(copy_loops[-1])
+        sch.unroll(loops[-1])
+        copies.append(sch.get(copy).name_hint)
+    if not copies:
+        return sch
+    return s_tir.Schedule(_guard_copies(sch.mod["main"], set(copies)))
+
+
+def _extent_product(sch: s_tir.Schedule, loops) -> int | None:
+    n = 1
+    for lp in loops:
+        extent = sch.get(lp).extent
+        if not isinstance(extent, tirx.IntImm):
+            return None
+        n *= int(extent.value)
+    return n
+
+
+def _guard_copies(func: tirx.PrimFunc, names: set[str]) -> tirx.PrimFunc:
+    """``func`` with the named copy blocks predicated on their texture's bounds."""
+
+    def on_realize(realize):
+        block = realize.block
+        if block.name_hint not in names:
+            return realize
+        shape = block.writes[0].source.shape
+        guard = realize.predicate
+        for value, extent in zip(realize.iter_values, shape, strict=True):
+            guard = tirx.And(guard, value < extent)
+        return s_tir.SBlockRealize(list(realize.iter_values), guard, block)
+
+    return tvm_ffi.structural_map(func, (s_tir.SBlockRealize, on_realize))
+
+
 class TextureMatmul(TunedMatmul):
     """``TunedMatmul`` for GEMMs reading a texture-packed operand (see module doc)."""
 
@@ -58,9 +145,11 @@ class TextureMatmul(TunedMatmul):
         return dataclasses.replace(base, vector_size=LANES, micro_size_k=k_step)
 
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc) or not _reads_texture(func):
+        if not isinstance(func, tirx.PrimFunc) or not (_reads_texture(func)
+                                                       or _writes_texture(func)):
             return None
-        return super().apply(func, target, tunable)
+        sch = super().apply(func, target, tunable)
+        return stage_texture_writes(sch) if sch is not None else None
 
 
 class TextureElementwise(dl.ScheduleRule):
@@ -88,6 +177,8 @@ class TextureElementwise(dl.ScheduleRule):
             return None
         if any(iv.iter_type != tirx.IterVar.DataPar for iv in block.iter_vars):
             return None
+        if not _iterate_like_texture(sch, blocks[0]):
+            return None
         loops = sch.get_loops(blocks[0])
         lane = sch.get(loops[-1])
         if not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
@@ -97,7 +188,74 @@ class TextureElementwise(dl.ScheduleRule):
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(loops[-1])
-        return sch
+        return stage_texture_writes(sch)
+
+
+def _iterate_like_texture(sch: s_tir.Schedule, block_rv) -> bool:
+    """Make the block iterate over the texture it writes (texel coordinates, then the lane),
+    when its own iteration space is the tensor's original one (a packed activation written as
+    ``P[.., c // 4, .., c % 4]``).  False when the write is no bijection of the iterators."""
+    block = sch.get(block_rv)
+    stores: list = []
+    tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+    store = next((st for st in stores if is_texture(st.buffer)), None)
+    if store is None:
+        return False
+    iters = [iv.var for iv in block.iter_vars]
+    if list(store.indices) == iters[-len(store.indices):] and len(iters) == len(store.indices):
+        return True  # already texel-major with the lane last
+    try:
+        sch.transform_block_layout(block_rv, tirx.IndexMap(iters, list(store.indices), None))
+    except Exception:  # not a bijective affine map of the iterators
+        return False
+    return True
+
+
+class TextureRowReduction(dl.ScheduleRule):
+    """Row reductions (layernorm, softmax, RMSNorm) whose element-wise epilogue writes a
+    texture packed along the row: a thread block per row, each thread reduces and writes a
+    contiguous run of whole texels (4 consecutive row elements each), the two-level reduction
+    across the block's threads.
+    dlight's ``GeneralReduction`` gives consecutive row elements to consecutive threads, so no
+    thread holds the four lanes of a texel and the write cannot be one RGBA store."""
+
+    def __init__(self, max_threads: int = 256):
+        self.max_threads = max_threads
+
+    def apply(self, func, target, _tunable):
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+        if not isinstance(func, tirx.PrimFunc) or not _writes_texture(func):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        infos = try_inline_contiguous_spatial(sch, infos) if infos else None
+        if not infos or len(infos) < 2:
+            return None
+        shape = _row_shape(infos)
+        if shape is None:
+            return None
+        n_spatial, n_reduce, _rows, row = shape
+        if n_reduce != 1 or row % LANES:
+            return None
+        texels = row // LANES
+        threads = next((t for t in (256, 128, 64, 32) if t <= self.max_threads
+                        and texels % t == 0), min(64, self.max_threads))
+        loops = sch.get_loops(infos[-1].block_rv)
+        block_loop = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
+        # each thread owns a contiguous run of texels (its registers stage their writes)
+        tx, _, lane = sch.split(loops[n_spatial], [threads, None, LANES])
+        sch.bind(block_loop, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(lane)
+        for info in reversed(infos[:-1]):
+            for i in range(len(sch.get(info.block_rv).writes)):
+                sch.set_scope(info.block_rv, i, "shared")
+            sch.compute_at(info.block_rv, block_loop, preserve_unit_loops=True)
+            r_tx, _, _ = sch.split(sch.get_loops(info.block_rv)[-1], [threads, None, LANES])
+            sch.bind(r_tx, "threadIdx.x")
+        return stage_texture_writes(sch)
 
 
 class LongRowReduction(dl.ScheduleRule):

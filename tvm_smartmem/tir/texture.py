@@ -185,6 +185,8 @@ def lower_texture_access(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return [buffer.data, analyzer.simplify(x), analyzer.simplify(y),
                 analyzer.simplify(d), bits], loop_indices[-1]
 
+    refused: list[str] = []
+
     def on_load(load):
         buffer = load.source
         if not is_texture(buffer):
@@ -209,7 +211,21 @@ def lower_texture_access(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return tirx.Evaluate(tirx.op.call_intrin(str(buffer.dtype), "tirx.texture2d_store",
                                                  *args, store.value))
 
-    new = tvm_ffi.structural_map(func, [(ir.TensorLoad, on_load), (tirx.BufferStore, on_store)])
+    def guarded(callback):
+        # errors are raised after the walk: an exception must not cross the FFI callback
+        # (tvm-ffi 0.1.14 corrupts its heap when a Python callback of structural_map raises)
+        def call(node):
+            try:
+                return callback(node)
+            except TextureLoweringError as err:
+                refused.append(str(err))
+                return node
+        return call
+
+    new = tvm_ffi.structural_map(func, [(ir.TensorLoad, guarded(on_load)),
+                                        (tirx.BufferStore, guarded(on_store))])
+    if refused:
+        raise TextureLoweringError(refused[0])
     return new.with_attr(LOWERED_ATTR, sorted(touched)) if touched else func
 
 

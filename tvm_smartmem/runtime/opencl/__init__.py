@@ -38,8 +38,9 @@ from pathlib import Path
 from ...errors import OpenCLError
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("cl_api.cc", "device_api.cc", "module.cc")
-HEADERS = ("cl_api.h", "opencl_runtime.h")
+SOURCES = ("cl_api.cc", "device_api.cc", "module.cc", "allocator.cc")
+HEADERS = ("cl_api.h", "opencl_runtime.h", "shim/tvm/support/io.h",
+           "shim/tvm/support/serializer.h")
 LIB_NAME = "libtvm_runtime_opencl.so"
 
 
@@ -109,6 +110,8 @@ def build(force: bool = False, quiet: bool = False) -> Path:
             cmd = [
                 _compiler(), "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall",
                 f"-I{tvm_dir / 'include'}", f"-I{ffi_dir / 'include'}",
+                # after the wheel's headers: stands in for the one header it lacks
+                f"-I{SOURCE_DIR / 'shim'}",
                 *[str(SOURCE_DIR / s) for s in SOURCES],
                 "-o", str(out),
                 f"-L{tvm_dir / 'lib'}", f"-L{ffi_dir / 'lib'}", "-ltvm_runtime", "-ltvm_ffi",

@@ -33,6 +33,10 @@ MemHandle* AsHandle(void* data, const char* where) {
     Fail(std::string(where) + ": the pointer is not memory allocated by the tvm-smartmem OpenCL "
          "runtime (was the tensor created on another device or by another runtime?)");
   }
+  if (h->kind == MemHandle::Kind::kStorage) {
+    Fail(std::string(where) + ": a storage planned in " + h->scope + " holds no memory itself; "
+         "a tensor placed in it must be allocated with that scope (it becomes an image)");
+  }
   return h;
 }
 

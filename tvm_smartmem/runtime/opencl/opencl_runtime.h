@@ -34,7 +34,9 @@ inline void Check(cl::cl_int code, const char* what) {
 
 struct MemHandle {
   static constexpr uint32_t kMagic = 0x4c434d53;  // "SMCL"
-  enum class Kind : int { kBuffer = 0, kImage = 1 };
+  // kStorage: a planned storage in a texture scope, with no OpenCL memory of its own (its
+  // tensors are images created as its views, see allocator.cc)
+  enum class Kind : int { kBuffer = 0, kImage = 1, kStorage = 2 };
 
   uint32_t magic = kMagic;
   Kind kind = Kind::kBuffer;
@@ -45,6 +47,7 @@ struct MemHandle {
   size_t width = 0, height = 0, depth = 0;
   size_t texel_bytes = 0;
   std::string scope;
+  uint8_t pool_key_code = 0, pool_key_bits = 0;  // element type, for the allocator's image pool
 
   bool is_image() const { return kind == Kind::kImage; }
 };

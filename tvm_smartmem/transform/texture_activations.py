@@ -1,0 +1,419 @@
+"""PackActivationsToTexture: intermediate tensors in RGBA images, packed by the reduction
+dimension of the kernels that read them.
+
+SmartMem lays a tensor out in 2.5D memory for its consumers: the dimension they *reduce over*
+is split in chunks of 4 across the RGBA lanes of a texel, and the tensor's next axes span the
+image's width and height, so that the reduction walks texels through the texture cache.  This
+pass does that for the intermediate tensors of a compiled model, at the level where the kernels
+are known: after fusion (``FuseTIR``) and layout elimination, before scheduling.
+
+For every tensor that one ``call_tir`` kernel writes and only other kernels read:
+
+1. **Which axis goes into the lanes.**  In each reading kernel, an axis of the tensor is a
+   *reduction axis* when its index uses only reduction iterators of the block that consumes it
+   (``k`` of a matmul operand, the channel of a convolution's input, the normalised axis of a
+   softmax / layernorm), followed through the element-wise blocks a kernel applies first.  The
+   innermost such axis is the lane axis; readers that reduce over nothing (element-wise) accept
+   any, and the last axis is taken.  Readers that want different lane axes would each need a
+   copy in its own layout (SmartMem's pooled copies): the tensor stays in a buffer and the
+   bytes those copies would take are reported.
+2. **The packed layout** splits the lane axis in place, ``[.., C, ..] -> [.., C / 4, .., 4]``,
+   in scope ``global.texture``: the last two axes before the lanes are the image's height and
+   width, the ones before fold into the image array's depth (``tir.texture``).  For a GEMM
+   operand ``A[m, k]`` that is ``[m, k / 4, 4]`` (rows along the height, the reduction along
+   the width); for an NCHW convolution input the NCHW4c layout ``[n, c / 4, h, w, 4]`` (the
+   window in the image plane).  The lane axis must be a multiple of 4 and the image within the
+   target's limits (``texture_spatial_limit`` / ``texture_depth_limit``).
+3. **Every kernel touching the tensor must still schedule and lower**: the producer and the
+   readers are rewritten (``transform_layout`` of the parameter, texture scope) and scheduled on
+   trial with the pipeline's rule list; the producer must end up storing whole texels from one
+   thread (``LowerTextureAccess`` refuses anything else).  A tensor whose kernels fail stays in
+   a buffer, with the reason.
+
+Kernels that ``FusedAttention`` schedules keep buffers (the rule stages Q, K, V through shared
+memory).  Graph inputs and outputs, and tensors read by anything but kernels (views, tuples),
+are never placed.  Whether images pay is a property of the device, as for weights: the
+``opencl-texture`` entry of ``tir/matmul_configs.json`` may say ``texture_activations: buffer``
+for a measured device, an unmeasured one packs; ``TVM_SMARTMEM_TEXTURE_ACTIVATIONS=always|never|
+measured`` overrides.  The decisions are recorded as ``smartmem.texture_activations`` on the
+function (``images``: tensor -> image extents, ``kept``: tensor -> reason, ``image_bytes``,
+``copy_bytes``).  ``AllocateTextureTensors`` and ``TextureStorageViews`` then allocate the
+chosen tensors as images at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import tvm
+import tvm_ffi
+from tvm import relax, s_tir, tirx
+from tvm.target import Target
+
+from ..analysis.classify import prim_blocks
+from ..errors import SmartMemError
+from ..tir.texture import LANES, image_extent, lower_texture_access
+from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
+
+ACTIVATIONS_ATTR = "smartmem.texture_activations"
+SCOPE = "global.texture"
+POLICY_ENV = "TVM_SMARTMEM_TEXTURE_ACTIVATIONS"
+POLICIES = ("measured", "always", "never")
+_DTYPES = ("float32", "float16")
+log = logging.getLogger(__name__)
+
+
+# -- which axes a kernel reduces over --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisUse:
+    """How one kernel reads a tensor: axes indexed only by reduction iterators (``pure``) and
+    axes indexed by reduction and spatial ones together (``mixed``: a convolution window)."""
+
+    pure: frozenset = frozenset()
+    mixed: frozenset = frozenset()
+
+    def __or__(self, other: AxisUse) -> AxisUse:
+        return AxisUse(self.pure | other.pure, self.mixed | other.mixed)
+
+
+def _vars(expr) -> set:
+    found: list = []
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.append))
+    return set(found)
+
+
+def _loads_of(block, buffer) -> list:
+    loads: list = []
+    tvm_ffi.structural_walk(block.body, (tvm.ir.TensorLoad, loads.append))
+    return [ld for ld in loads if ld.source.same_as(buffer)]
+
+
+def axis_use(func: tirx.PrimFunc, buffer, _seen: frozenset = frozenset()) -> AxisUse:
+    """The reduction axes of ``buffer`` in ``func`` (see :class:`AxisUse`), followed through
+    the element-wise blocks between the parameter and the reduction that consumes it."""
+    use = AxisUse()
+    params = set(func.params)
+    for block in prim_blocks(func):
+        loads = _loads_of(block, buffer)
+        if not loads:
+            continue
+        reduce = {iv.var for iv in block.iter_vars if int(iv.iter_type) == 2}
+        if reduce:
+            for load in loads:
+                for axis, index in enumerate(load.indices):
+                    used = _vars(index)
+                    if used and used <= reduce:
+                        use = use | AxisUse(pure=frozenset({axis}))
+                    elif used & reduce:
+                        use = use | AxisUse(mixed=frozenset({axis}))
+            continue
+        # an element-wise block: follow its output into the blocks that read it
+        for write in block.writes:
+            out = write.source
+            if any(out.same_as(p) for p in params) or out in _seen:
+                continue
+            inner = axis_use(func, out, _seen | {buffer})
+            stores: list = []
+            tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+            for store in stores:
+                if not store.buffer.same_as(out):
+                    continue
+                out_vars = [_vars(i) for i in store.indices]
+                for load in loads:
+                    for axis, index in enumerate(load.indices):
+                        used = _vars(index)
+                        for b, vs in enumerate(out_vars):
+                            if used and used & vs:
+                                if b in inner.pure:
+                                    use = use | AxisUse(pure=frozenset({axis}))
+                                elif b in inner.mixed:
+                                    use = use | AxisUse(mixed=frozenset({axis}))
+    return use
+
+
+def lane_axis(uses: list[AxisUse], shape: list[int]) -> tuple[int | None, str | None]:
+    """(lane axis, None), or (None, why no single lane axis serves every reader)."""
+    wanted = {max(u.pure) for u in uses if u.pure}
+    if len(wanted) > 1:
+        return None, (f"readers reduce over different axes {sorted(wanted)}: one layout each "
+                      "(pooled copies)")
+    axis = wanted.pop() if wanted else len(shape) - 1
+    if shape[axis] % LANES:
+        return None, f"lane axis {axis} has extent {shape[axis]}, not a multiple of {LANES}"
+    return axis, None
+
+
+def packed_shape(shape: list[int], lane: int) -> list[int]:
+    """``shape`` with axis ``lane`` split in place into texels and the 4 lanes moved last."""
+    return [*shape[:lane], shape[lane] // LANES, *shape[lane + 1:], LANES]
+
+
+def _pack_map(lane: int):
+    def index_map(*idx):
+        return (*idx[:lane], idx[lane] // LANES, *idx[lane + 1:], idx[lane] % LANES)
+
+    return index_map
+
+
+def pack_param(func: tirx.PrimFunc, index: int, lane: int) -> tirx.PrimFunc:
+    """``func`` with parameter ``index`` re-laid in the packed layout of ``lane`` and declared
+    in texture scope; every access in the body reads / writes through the map."""
+    from .texture import with_buffer_scope
+
+    buffer = func.params[index]
+    sch = s_tir.Schedule(func)
+    for block in prim_blocks(func):
+        for kind, regions in (("read", block.reads), ("write", block.writes)):
+            for i, region in enumerate(regions):
+                if region.source.same_as(buffer):
+                    sch.transform_layout(sch.get_sblock(block.name_hint), (kind, i),
+                                         _pack_map(lane))
+                    return with_buffer_scope(sch.mod["main"], index, SCOPE)
+    raise SmartMemError(f"parameter '{buffer.name}' of a kernel is never accessed")
+
+
+# -- policy and limits -------------------------------------------------------------------------
+
+
+def policy_reason(target: Target | None, policy: str | None = None) -> str | None:
+    """Why the policy keeps every activation of ``target`` in buffers, or None when it packs."""
+    from ..tir.matmul import load_table, target_key
+
+    policy = policy or os.environ.get(POLICY_ENV) or "measured"
+    if policy not in POLICIES:
+        raise ValueError(f"{POLICY_ENV}={policy}: expected one of {', '.join(POLICIES)}")
+    if policy == "always":
+        return None
+    if policy == "never":
+        return f"{POLICY_ENV}=never"
+    key = target_key(target) if target is not None else None
+    entry = load_table().get(f"{key}-texture", {}) if key else {}
+    if entry.get("texture_activations") == "buffer":
+        return (f"activations in images measured slower than buffers on {entry.get('device')} "
+                f"({entry.get('activations_measured')})")
+    return None
+
+
+def image_limits(target: Target | None) -> tuple[int, int]:
+    """(largest width / height, largest array depth) of an image on ``target``."""
+    attrs = target.attrs if target is not None else {}
+    spatial = int(attrs["texture_spatial_limit"]) if "texture_spatial_limit" in attrs else 16384
+    depth = int(attrs["texture_depth_limit"]) if "texture_depth_limit" in attrs else 2048
+    return spatial, depth
+
+
+def extent_reason(shape: list[int], limits: tuple[int, int]) -> str | None:
+    width, height, depth = image_extent(shape, SCOPE)
+    spatial, max_depth = limits
+    if width > spatial or height > spatial or depth > max_depth:
+        return (f"image {width} x {height} x {depth} texels exceeds the target's limits "
+                f"{spatial} x {spatial} x {max_depth}")
+    return None
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+
+def _call_tir(value) -> bool:
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
+        value.op.name == "relax.call_tir" and isinstance(value.args[1], relax.Tuple) and \
+        len(value.args) == 2
+
+
+def _static(ty) -> list[int] | None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = getattr(ty.shape, "values", None)
+    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d.value) for d in dims]
+
+
+@dataclasses.dataclass
+class _Site:
+    """A call_tir binding and the PrimFunc it will call (rewritten as tensors are placed)."""
+
+    index: int
+    func: tirx.PrimFunc
+    n_inputs: int
+    changed: bool = False
+
+
+def _schedule_error(func: tirx.PrimFunc, target: Target, rules: list) -> str | None:
+    """None when ``func`` schedules with ``rules`` and its texture accesses lower."""
+    from ..tir.schedule import apply_rules
+
+    with target:
+        scheduled, rule = apply_rules(func, target, rules)
+    if scheduled is None:
+        return "no schedule rule applies"
+    try:
+        lower_texture_access(scheduled)
+    except SmartMemError as err:
+        return f"{rule}: {err}"
+    return None
+
+
+def _is_attention(func: tirx.PrimFunc, target: Target) -> bool:
+    from ..tir.attention import FusedAttention
+
+    try:
+        return FusedAttention().apply(func, target, False) is not None
+    except Exception:  # the rule's assumptions do not hold: not an attention kernel
+        return False
+
+
+def place_function(mod: tvm.IRModule, target: Target, rules: list,
+                   func_name: str = "main", policy: str | None = None) -> tvm.IRModule:
+    """Place the intermediate tensors of ``func_name`` in images (see module doc)."""
+    func = mod[func_name]
+    if not is_single_block(func):
+        return mod
+    block = Block.of(func)
+    record: dict = {"images": {}, "kept": {}, "image_bytes": 0, "copy_bytes": 0}
+    not_worth_it = policy_reason(target, policy)
+    sites: dict[int, _Site] = {}
+    for i, b in enumerate(block.bindings):
+        if _call_tir(b.value) and isinstance(mod[b.value.args[0]], tirx.PrimFunc):
+            sites[i] = _Site(i, mod[b.value.args[0]], len(b.value.args[1].fields))
+    attention = {i for i, s in sites.items() if _is_attention(s.func, target)}
+    limits = image_limits(target)
+    lanes: dict[str, int] = {}  # placed tensor -> its lane axis
+    for i in sites:
+        var = block.bindings[i].var
+        shape = _static(var.ty)
+        if not shape or not block.users[i] or var in block.output_vars:
+            continue  # dynamic, a scalar, dead or a graph output: not an intermediate tensor
+        if str(var.ty.dtype) not in _DTYPES:
+            continue
+        readers = []
+        for u in sorted(block.users[i]):
+            value = block.bindings[u].value
+            if u not in sites:
+                readers = None
+                break
+            readers += [(u, k) for k, a in enumerate(value.args[1].fields) if a.same_as(var)]
+        if not readers:
+            record["kept"][var.name] = "read by something other than a kernel"
+            continue
+        reason = not_worth_it
+        if reason is None and ({i} | {u for u, _ in readers}) & attention:
+            reason = "an attention kernel (FusedAttention) writes or reads it"
+        lane = None
+        if reason is None:
+            uses = [axis_use(sites[u].func, sites[u].func.params[k]) for u, k in readers]
+            lane, reason = lane_axis(uses, shape)
+            if lane is None and reason and "copies" in reason:
+                copies = len({max(u.pure) for u in uses if u.pure})
+                record["copy_bytes"] += (copies - 1) * _bytes(shape, str(var.ty.dtype))
+        if reason is None:
+            reason = extent_reason(packed_shape(shape, lane), limits)
+        if reason is None:
+            reason = _try_place(sites, i, readers, lane, target, rules)
+        if reason is not None:
+            record["kept"][var.name] = reason
+            log.info("activation %s stays in a buffer: %s", var.name, reason)
+            continue
+        width, height, depth = image_extent(packed_shape(shape, lane), SCOPE)
+        record["images"][var.name] = f"{width}x{height}x{depth}"
+        record["image_bytes"] += _bytes(shape, str(var.ty.dtype))
+        lanes[var.name] = lane
+    return _rewrite(mod, func_name, block, sites, lanes, record)
+
+
+def _bytes(shape: list[int], dtype: str) -> int:
+    n = tvm.DataType(dtype).bits // 8
+    for d in shape:
+        n *= d
+    return n
+
+
+def _try_place(sites: dict, producer: int, readers: list, lane: int, target: Target,
+               rules: list) -> str | None:
+    """Rewrite the producer and readers of one tensor for its packed image; keep the rewrite
+    when every kernel still schedules and lowers, else undo it and say why."""
+    trial: dict[int, tirx.PrimFunc] = {}
+    site = sites[producer]
+    trial[producer] = pack_param(site.func, site.n_inputs, lane)
+    for u, k in readers:
+        trial[u] = pack_param(trial.get(u, sites[u].func), k, lane)
+    for idx, func in trial.items():
+        error = _schedule_error(func, target, rules)
+        if error is not None:
+            role = "producer" if idx == producer else "reader"
+            return f"{role} kernel does not lower with an image: {error}"
+    for idx, func in trial.items():
+        sites[idx].func = func
+        sites[idx].changed = True
+    return None
+
+
+def _rewrite(mod: tvm.IRModule, func_name: str, block: Block, sites: dict, lanes: dict,
+             record: dict) -> tvm.IRModule:
+    func = mod[func_name]
+    attrs = {str(k): v for k, v in func.attrs.items()} if func.attrs else {}
+    attrs[ACTIVATIONS_ATTR] = _as_attr(record)
+    if not lanes:
+        out = mod.clone()
+        out[func_name] = func.with_attr(ACTIVATIONS_ATTR, attrs[ACTIVATIONS_ATTR])
+        return out
+
+    def emit(bb: relax.BlockBuilder, mapping: dict) -> None:
+        for i, b in enumerate(block.bindings):
+            value = substitute(b.value, mapping)
+            site = sites.get(i)
+            if site is not None and site.changed:
+                old = value.args[0]
+                gv = bb.add_func(site.func.without_attr("global_symbol"),
+                                 f"{old.name_hint}_texture")
+                ty = b.var.ty
+                if b.var.name in lanes:
+                    ty = relax.TensorType(packed_shape(_static(ty), lanes[b.var.name]), ty.dtype)
+                value = relax.call_tir(gv, value.args[1], ty)
+            bind_like(bb, b.var, value, mapping)
+
+    out = rebuild_function(mod, func_name, "texture_activations", emit, attrs)
+    return relax.transform.DeadCodeElimination()(out)
+
+
+def _as_attr(record: dict) -> dict:
+    return {"images": dict(record["images"]), "kept": dict(record["kept"]),
+            "image_bytes": tirx.IntImm("int64", record["image_bytes"]),
+            "copy_bytes": tirx.IntImm("int64", record["copy_bytes"])}
+
+
+def texture_activations_of(func: relax.Function) -> dict:
+    """The recorded placement (images: {tensor: 'WxHxD'}, kept: {tensor: reason},
+    image_bytes, copy_bytes); empty when the pass did not run."""
+    if not func.attrs or ACTIVATIONS_ATTR not in func.attrs:
+        return {}
+    rec = func.attrs[ACTIVATIONS_ATTR]
+    return {"images": {str(k): str(v) for k, v in rec["images"].items()},
+            "kept": {str(k): str(v) for k, v in rec["kept"].items()},
+            "image_bytes": int(rec["image_bytes"]), "copy_bytes": int(rec["copy_bytes"])}
+
+
+def PackActivationsToTexture(target: Target | None = None, rules: list | None = None,
+                             func_name: str = "main",
+                             policy: str | None = None) -> tvm.transform.Pass:
+    """Place intermediate tensors in RGBA images packed by their readers' reduction axis (see
+    module doc); ``rules`` are the schedule rules the pipeline will use (tried per kernel)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="PackActivationsToTexture")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        tgt = target or Target.current(allow_none=False)
+        if rules is None:
+            from ..pipeline import _dlight_rules
+
+            use = _dlight_rules(tuned=True, texture=True, long_rows=True, attention=True)
+        else:
+            use = rules
+        return place_function(mod, tgt, use, func_name, policy)
+
+    return _pass
