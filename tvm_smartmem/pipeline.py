@@ -245,9 +245,15 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
 
         rules.insert(0, FusedAttention())
     if texture:  # kernels touching images first; the buffer rules take the rest
-        from .tir.schedules import TextureElementwise, TextureMatmul, TextureRowReduction
+        from .tir.schedules import (
+            TextureElementwise,
+            TextureFallback,
+            TextureMatmul,
+            TextureRowReduction,
+        )
 
-        rules = [TextureElementwise(), TextureMatmul(), TextureRowReduction(), *rules]
+        rules = [TextureElementwise(), TextureMatmul(), TextureRowReduction(),
+                 TextureFallback(), *rules]
     return rules
 
 

@@ -40,6 +40,8 @@ class PipelineReport:
     opaque_ops: list[str] = dataclasses.field(default_factory=list)
     combined_matmuls: int = 0  # GEMMs CombineParallelMatmuls merged away
     weight_layout: str | None = None  # SelectLayouts' choice (KN / NK), None when it did not run
+    texture_weights: dict = dataclasses.field(default_factory=dict)  # PackWeightsToTexture's
+    texture_activations: dict = dataclasses.field(default_factory=dict)  # PackActivations...
 
     @property
     def fusion_rate(self) -> float | None:
@@ -56,6 +58,11 @@ class PipelineReport:
         out["opaque_ops"] = list(self.opaque_ops)
         out["combined_matmuls"] = self.combined_matmuls
         out["weight_layout"] = self.weight_layout
+        out["weight_images"] = self.texture_weights.get("packed")
+        out["activation_images"] = len(self.texture_activations["images"]) \
+            if self.texture_activations else None
+        out["activation_image_bytes"] = self.texture_activations.get("image_bytes")
+        out["texture_activations"] = dict(self.texture_activations)
         out["compile_seconds"] = round(self.compile_seconds, 3)
         out["max_error_vs_onnxruntime"] = self.max_error
         out["matches_onnxruntime"] = self.matches_reference
@@ -77,10 +84,13 @@ def resolve_model(spec: str | Path | onnx.ModelProto) -> tuple[str, onnx.ModelPr
 
 def pipeline_facts(lowered: tvm.IRModule) -> dict:
     """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops,
-    GEMMs combined and the weight layout chosen."""
+    GEMMs combined, the weight layout chosen and, on texture targets, which weights and
+    activations went into images (and why the others did not)."""
     from .transform.combine_parallel_matmul import combined_of
     from .transform.math_rewrite import rewrites_of
     from .transform.select_layout import layout_selection_of
+    from .transform.texture import texture_weights_of
+    from .transform.texture_activations import texture_activations_of
 
     names = [gv.name_hint for gv in lowered.get_global_vars()]
     if "main" not in names:
@@ -91,7 +101,9 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
         if main.attrs and "smartmem.opaque_ops" in main.attrs else []
     return {"rewrites": counts, "flops_removed": flops, "opaque_ops": opaque,
             "combined_matmuls": combined_of(main),
-            "weight_layout": layout_selection_of(main).get("layout")}
+            "weight_layout": layout_selection_of(main).get("layout"),
+            "texture_weights": texture_weights_of(main),
+            "texture_activations": texture_activations_of(main)}
 
 
 def pipeline_pass(pipeline: str, target: tvm.target.Target) -> tvm.transform.Pass:
@@ -199,6 +211,8 @@ _ROWS = [
     ("flops_removed", "FLOPs removed by rewriting"),
     ("combined_matmuls", "GEMMs combined (q/k/v...)"),
     ("weight_layout", "weight layout"),
+    ("weight_images", "weights in images"),
+    ("activation_images", "activations in images"),
     ("load_time_kernels", "load-time kernels (once)"),
     ("opaque_ops", "opaque operators"),
     ("compile_seconds", "compile time (s)"),
@@ -231,6 +245,14 @@ def format_table(model: str, target: str, reports: Mapping[str, PipelineReport])
         if data[c]["rewrites"]:
             lines.append(f"{c} rewrites: " + ", ".join(
                 f"{rule} x{n}" for rule, n in sorted(data[c]["rewrites"].items())))
+    for c in cols:
+        kept = data[c]["texture_activations"].get("kept", {})
+        if kept:
+            reasons: dict[str, int] = {}
+            for why in kept.values():
+                reasons[why] = reasons.get(why, 0) + 1
+            lines.append(f"{c} activations kept in buffers: " + "; ".join(
+                f"{why} (x{n})" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
     checked = [r for r in reports.values() if r.matches_reference is not None]
     if checked:
         ok = all(r.matches_reference for r in checked)

@@ -12,6 +12,8 @@
                    write (``LowerTextureAccess`` refuses any other kind of texture store).
 ``TextureRowReduction``  a layernorm / softmax / RMSNorm whose output is a texture packed
                    along the row: each thread reduces and writes whole texels.
+``TextureFallback``  any other kernel writing a texture (depthwise convolution, pooling, a
+                   one-row GEMM): one texel per thread, its lanes computed in registers.
 
 Every texture store is *staged* (:func:`stage_texture_writes`): computed into four registers,
 then written by a copy that always vectorises into one RGBA write.
@@ -25,8 +27,10 @@ Kernels without texture buffers are left to the buffer rules that follow in the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import tvm
 import tvm_ffi
 from tvm import ir, s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -78,7 +82,7 @@ def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
     copies: list[str] = []
     for block in prim_blocks(sch.mod["main"]):
         texture_writes = [i for i, w in enumerate(block.writes) if is_texture(w.source)]
-        if len(texture_writes) != 1 or block.init is not None:
+        if len(texture_writes) != 1 or block.init is not None or _is_copy(block):
             continue
         block_rv = sch.get_sblock(block.name_hint)
         loops = sch.get_loops(block_rv)
@@ -100,6 +104,15 @@ def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
     if not copies:
         return sch
     return s_tir.Schedule(_guard_copies(sch.mod["main"], set(copies)))
+
+
+def _is_copy(block) -> bool:
+    """A block whose store is a plain load of registers: it vectorises as it is (but still
+    needs the guard when it overhangs)."""
+    stores: list = []
+    tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+    return len(stores) == 1 and isinstance(stores[0].value, tvm.ir.TensorLoad) and \
+        stores[0].value.source.scope() == "local"
 
 
 def _extent_product(sch: s_tir.Schedule, loops) -> int | None:
@@ -255,6 +268,60 @@ class TextureRowReduction(dl.ScheduleRule):
             sch.compute_at(info.block_rv, block_loop, preserve_unit_loops=True)
             r_tx, _, _ = sch.split(sch.get_loops(info.block_rv)[-1], [threads, None, LANES])
             sch.bind(r_tx, "threadIdx.x")
+        return stage_texture_writes(sch)
+
+
+class TextureFallback(dl.ScheduleRule):
+    """Any other kernel whose output is a texture (a depthwise convolution, a pooling, a
+    one-row GEMM, a reduction with an epilogue): one texel per thread, its four lanes computed
+    in registers by the thread and written by one RGBA store.
+
+    The block writing the texture is made to iterate over the texture's texels (for a block
+    that reduces, over a register copy of its result: the image is never read back while it is
+    written); injective blocks are inlined, every other block is computed per texel under the
+    thread.  What dlight's ``Fallback`` does for buffers -- one element per thread -- cannot
+    write an image, which takes whole texels."""
+
+    def __init__(self, threads: int = 64):
+        self.threads = threads
+
+    def apply(self, func, target, _tunable):
+        from ..analysis.classify import prim_blocks
+
+        if not isinstance(func, tirx.PrimFunc) or not _writes_texture(func):
+            return None
+        sch = s_tir.Schedule(func)
+        writers = [b for b in prim_blocks(func) if any(is_texture(w.source) for w in b.writes)]
+        if len(writers) != 1 or len(writers[0].writes) != 1:
+            return None
+        writer = sch.get_sblock(writers[0].name_hint)
+        if sch.get(writer).init is not None:
+            writer = sch.cache_write(writer, 0, "local")  # the reduction accumulates in registers
+        for block in prim_blocks(sch.mod["main"]):
+            rv = sch.get_sblock(block.name_hint)
+            if block.name_hint == sch.get(writer).name_hint or block.init is not None:
+                continue
+            # not injective or not inlinable: computed per texel below
+            with contextlib.suppress(Exception):
+                sch.compute_inline(rv)
+        if not _iterate_like_texture(sch, writer):
+            return None
+        loops = sch.get_loops(writer)
+        lane = sch.get(loops[-1])
+        if not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
+            return None
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        bx, tx = sch.split(outer, [None, self.threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(loops[-1])
+        rest = [b for b in prim_blocks(sch.mod["main"])
+                if b.name_hint != sch.get(writer).name_hint]
+        for block in reversed(rest):  # producers last to first, each under the thread
+            rv = sch.get_sblock(block.name_hint)
+            sch.compute_at(rv, tx, preserve_unit_loops=True)
+            for i in range(len(block.writes)):
+                sch.set_scope(rv, i, "local")  # per-thread intermediates live in registers
         return stage_texture_writes(sch)
 
 

@@ -115,8 +115,9 @@ def _static_shape(buffer) -> list[int]:
 def _loop_context(func: tirx.PrimFunc):
     """(analyzer, vectorised 4-lane loop variables): an analyzer that knows every loop
     variable's range and substitutes every block variable by its binding.  Loop and block
-    variables are distinct objects throughout a function, so one analyzer serves every access:
-    texture coordinates are written in loop variables and simplified with their ranges."""
+    variables are distinct objects throughout the function (``renew_defs`` first), so one
+    analyzer serves every access: texture coordinates are written in loop variables and
+    simplified with their ranges."""
     from tvm.sym.analyzer import Analyzer
 
     analyzer = Analyzer()
@@ -143,11 +144,26 @@ def _lane_matches(loop, load_lane, analyzer) -> bool:
     return analyzer.can_prove(load_lane - loop.loop_var == 0)
 
 
+def _texel_fixed(loop, load, analyzer) -> bool:
+    """Do the texel coordinates of a read in a vectorised loop not mention the loop variable?
+    The vectoriser only rewrites the lane argument; a coordinate that still names the lane
+    loop (a head merge read through ``(k % 36) // 4``, where the simplifier cannot show that four
+    aligned lanes stay in one texel) would be left undefined in the generated code."""
+    coords = texture_coordinates([int(d) for d in load.source.shape],
+                                 [analyzer.simplify(i) for i in load.indices],
+                                 buffer_scope(load.source))
+    found: list = []
+    for c in coords:
+        tvm_ffi.structural_walk(analyzer.simplify(c), (tirx.Var, found.append))
+    return not any(v.same_as(loop.loop_var) for v in found)
+
+
 def _devectorise_split_reads(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Vectorised loops that read a texture other than lane by lane over exactly one texel
-    (a 2-wide fetch, a lane index that is not the loop variable) become unrolled loops of
-    scalar reads: TVM's OpenCL generator can only vectorise a texel read whose lane index is a
-    4-wide ramp, anything else would be mis-compiled."""
+    (a 2-wide fetch, a lane index that is not the loop variable, texel coordinates that may
+    change with it) become unrolled loops of scalar reads: TVM's OpenCL generator can only
+    vectorise a texel read whose lane index is a 4-wide ramp, anything else would be
+    mis-compiled."""
     analyzer, _ = _loop_context(func)
 
     def on_for(loop):
@@ -160,7 +176,8 @@ def _devectorise_split_reads(func: tirx.PrimFunc) -> tirx.PrimFunc:
             return loop
         whole_texels = isinstance(loop.extent, tirx.IntImm) and \
             int(loop.extent.value) == LANES and \
-            all(_lane_matches(loop, ld.indices[-1], analyzer) for ld in texture_loads)
+            all(_lane_matches(loop, ld.indices[-1], analyzer)
+                and _texel_fixed(loop, ld, analyzer) for ld in texture_loads)
         if whole_texels:
             return loop
         return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.UNROLLED, loop.body,
@@ -171,7 +188,12 @@ def _devectorise_split_reads(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def lower_texture_access(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with every texture-scoped access lowered (see module doc)."""
-    func = _devectorise_split_reads(func)
+    if not _touches_texture(func):
+        return func
+    # one analyzer serves the whole function, so every loop / block variable must be defined
+    # once: schedule primitives (dlight's cache reads) can give two blocks the same iterator
+    # objects, and a texture read would then take the other block's loop variables
+    func = _devectorise_split_reads(s_tir.renew_defs(func))
     analyzer, lane_vars = _loop_context(func)
     touched: set[str] = set()
 
@@ -227,6 +249,21 @@ def lower_texture_access(func: tirx.PrimFunc) -> tirx.PrimFunc:
     if refused:
         raise TextureLoweringError(refused[0])
     return new.with_attr(LOWERED_ATTR, sorted(touched)) if touched else func
+
+
+def _touches_texture(func: tirx.PrimFunc) -> bool:
+    return any(is_texture(p) for p in func.params if hasattr(p, "scope")) or \
+        bool(_texture_allocations(func))
+
+
+def _texture_allocations(func: tirx.PrimFunc) -> list:
+    found: list = []
+
+    def on_block(block):
+        found.extend(b for b in block.alloc_buffers if is_texture(b))
+
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, on_block))
+    return found
 
 
 def LowerTextureAccess() -> tvm.transform.Pass:

@@ -37,8 +37,8 @@ are never placed.  Whether images pay is a property of the device, as for weight
 for a measured device, an unmeasured one packs; ``TVM_SMARTMEM_TEXTURE_ACTIVATIONS=always|never|
 measured`` overrides.  The decisions are recorded as ``smartmem.texture_activations`` on the
 function (``images``: tensor -> image extents, ``kept``: tensor -> reason, ``image_bytes``,
-``copy_bytes``).  ``AllocateTextureTensors`` and ``TextureStorageViews`` then allocate the
-chosen tensors as images at run time.
+``kept_bytes``, ``copy_bytes``).  ``AllocateTextureTensors`` and ``TextureStorageViews`` then
+allocate the chosen tensors as images at run time.
 """
 
 from __future__ import annotations
@@ -274,7 +274,8 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
     if not is_single_block(func):
         return mod
     block = Block.of(func)
-    record: dict = {"images": {}, "kept": {}, "image_bytes": 0, "copy_bytes": 0}
+    record: dict = {"images": {}, "kept": {}, "image_bytes": 0, "kept_bytes": 0,
+                    "copy_bytes": 0}
     not_worth_it = policy_reason(target, policy)
     sites: dict[int, _Site] = {}
     for i, b in enumerate(block.bindings):
@@ -299,6 +300,7 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
             readers += [(u, k) for k, a in enumerate(value.args[1].fields) if a.same_as(var)]
         if not readers:
             record["kept"][var.name] = "read by something other than a kernel"
+            record["kept_bytes"] += _bytes(shape, str(var.ty.dtype))
             continue
         reason = not_worth_it
         if reason is None and ({i} | {u for u, _ in readers}) & attention:
@@ -316,6 +318,7 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
             reason = _try_place(sites, i, readers, lane, target, rules)
         if reason is not None:
             record["kept"][var.name] = reason
+            record["kept_bytes"] += _bytes(shape, str(var.ty.dtype))
             log.info("activation %s stays in a buffer: %s", var.name, reason)
             continue
         width, height, depth = image_extent(packed_shape(shape, lane), SCOPE)
@@ -373,6 +376,8 @@ def _rewrite(mod: tvm.IRModule, func_name: str, block: Block, sites: dict, lanes
                 ty = b.var.ty
                 if b.var.name in lanes:
                     ty = relax.TensorType(packed_shape(_static(ty), lanes[b.var.name]), ty.dtype)
+                if isinstance(ty, relax.TupleType):  # a kernel with several outputs
+                    ty = list(ty.fields)
                 value = relax.call_tir(gv, value.args[1], ty)
             bind_like(bb, b.var, value, mapping)
 
@@ -382,19 +387,20 @@ def _rewrite(mod: tvm.IRModule, func_name: str, block: Block, sites: dict, lanes
 
 def _as_attr(record: dict) -> dict:
     return {"images": dict(record["images"]), "kept": dict(record["kept"]),
-            "image_bytes": tirx.IntImm("int64", record["image_bytes"]),
-            "copy_bytes": tirx.IntImm("int64", record["copy_bytes"])}
+            **{key: tirx.IntImm("int64", record[key])
+               for key in ("image_bytes", "kept_bytes", "copy_bytes")}}
 
 
 def texture_activations_of(func: relax.Function) -> dict:
     """The recorded placement (images: {tensor: 'WxHxD'}, kept: {tensor: reason},
-    image_bytes, copy_bytes); empty when the pass did not run."""
+    image_bytes, kept_bytes (the intermediates left in buffers), copy_bytes); empty when the
+    pass did not run."""
     if not func.attrs or ACTIVATIONS_ATTR not in func.attrs:
         return {}
     rec = func.attrs[ACTIVATIONS_ATTR]
     return {"images": {str(k): str(v) for k, v in rec["images"].items()},
             "kept": {str(k): str(v) for k, v in rec["kept"].items()},
-            "image_bytes": int(rec["image_bytes"]), "copy_bytes": int(rec["copy_bytes"])}
+            **{key: int(rec[key]) for key in ("image_bytes", "kept_bytes", "copy_bytes")}}
 
 
 def PackActivationsToTexture(target: Target | None = None, rules: list | None = None,

@@ -1,0 +1,207 @@
+"""Which intermediate tensors of the zoo the texture pipeline puts into images, and why not.
+
+``PackActivationsToTexture`` decides per tensor (see its module doc); this runs the smartmem
+pipeline for ``opencl-texture`` on every exported zoo model (no device needed: the decision is
+made at compile time) and reports, per model, the intermediates in images and in buffers (count
+and bytes), the reasons for the buffers grouped by kind, and the bytes SmartMem's pooled copies
+would take where readers disagree.  ``--check`` also runs the texture build on this machine's
+OpenCL device (PoCL without a GPU) and compares it with ONNX Runtime -- slow on a CPU device,
+so pick models.
+
+    tvm-smartmem zoo                                        # export the models once
+    python benchmarks/texture_activations.py
+    python benchmarks/texture_activations.py --models bert_base,swin_tiny --check --name ta_check
+
+Writes ``benchmarks/results/<name>.{json,md,png}`` (default name ``texture_activations``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: reason kinds, by how the pass words them (first match wins)
+KINDS = (
+    ("attention", "an attention kernel"),
+    ("producer rule", "producer kernel does not lower"),
+    ("reader rule", "reader kernel does not lower"),
+    ("readers disagree", "readers reduce over different axes"),
+    ("not 4-aligned", "not a multiple of"),
+    ("image too large", "exceeds the target's limits"),
+    ("not a kernel reader", "read by something other than a kernel"),
+)
+
+
+def kind_of(reason: str) -> str:
+    return next((k for k, text in KINDS if text in reason), "other")
+
+
+def _check(proto, mod, params, ex) -> dict:
+    import numpy as np
+    import tvm
+
+    from tvm_smartmem import frontend, numerics
+    from tvm_smartmem.measure import LocalRunner
+
+    rng = np.random.default_rng(0)
+    inputs = {}
+    for sig in frontend.input_signature(mod):
+        if sig["dtype"].startswith("int"):
+            inputs[sig["name"]] = rng.integers(0, 1000, sig["shape"]).astype(sig["dtype"])
+        else:
+            inputs[sig["name"]] = rng.standard_normal(sig["shape"]).astype(sig["dtype"])
+    ref = numerics.onnxruntime_reference(proto, inputs)
+    before = dict(tvm.get_global_func("smartmem.opencl.allocator_stats")())
+    outs = LocalRunner("opencl").outputs(ex, list(inputs.values()), params)
+    after = dict(tvm.get_global_func("smartmem.opencl.allocator_stats")())
+    ok, err = numerics.compare(outs, ref)
+    return {"matches_onnxruntime": bool(ok), "max_error": float(err),
+            "images_allocated": after["images_created"] - before["images_created"]}
+
+
+def measure(names: list[str], check: bool) -> dict:
+    import onnx
+    import tvm
+
+    from tvm_smartmem import frontend, targets, zoo
+    from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
+    from tvm_smartmem.transform.texture_activations import texture_activations_of
+
+    target = targets.get("opencl-texture")
+    rows: dict[str, dict] = {}
+    for i, name in enumerate(names, 1):
+        t0 = time.time()
+        row: dict = {"family": zoo.MODELS[name].family}
+        try:
+            proto = onnx.load(str(zoo.model_path(name)))
+            mod, params = frontend.from_onnx(proto)
+            with target:
+                kernels = smartmem_pipeline(target, phases=UP_TO_KERNELS)(mod)
+            record = texture_activations_of(kernels["main"])
+            kinds: dict[str, int] = {}
+            for why in record["kept"].values():
+                kinds[kind_of(why)] = kinds.get(kind_of(why), 0) + 1
+            row.update(images=len(record["images"]), kept=len(record["kept"]),
+                       image_bytes=record["image_bytes"], kept_bytes=record["kept_bytes"],
+                       copy_bytes=record["copy_bytes"], kept_by_kind=kinds,
+                       record=record, compile_seconds=round(time.time() - t0, 1))
+            if check:
+                ex = tvm.compile(mod, target, relax_pipeline="smartmem")
+                row.update(_check(proto, mod, params, ex))
+        except Exception as exc:  # one model failing must not lose the others; it is reported
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
+        rows[name] = row
+        print(f"[{i}/{len(names)}] {name}: {_line(row)} ({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def _share(row: dict) -> float:
+    total = row["image_bytes"] + row["kept_bytes"]
+    return row["image_bytes"] / total if total else 0.0
+
+
+def _line(row: dict) -> str:
+    if "error" in row:
+        return "error " + row["error"][:200]
+    num = "" if "matches_onnxruntime" not in row else (
+        f", ORT {'ok' if row['matches_onnxruntime'] else 'MISMATCH'} {row['max_error']:.1e}")
+    return (f"{row['images']} in images, {row['kept']} in buffers "
+            f"({100 * _share(row):.0f}% of intermediate bytes in images){num}")
+
+
+def write(data: dict, name: str) -> Path:
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2))
+    rows = data["models"]
+    kinds = [k for k, _ in KINDS] + ["other"]
+    used = [k for k in kinds if any(k in r.get("kept_by_kind", {}) for r in rows.values())]
+    head = ["model", "family", "in images", "in buffers", "bytes in images",
+            *[f"buffers: {k}" for k in used], "copy bytes", "PoCL vs ORT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {model} | {row['family']} | error: {row['error'][:100]} |")
+            continue
+        check = "not run" if "matches_onnxruntime" not in row else (
+            f"{'ok' if row['matches_onnxruntime'] else 'MISMATCH'} ({row['max_error']:.0e})")
+        cells = [model, row["family"], str(row["images"]), str(row["kept"]),
+                 f"{100 * _share(row):.0f}%",
+                 *[str(row["kept_by_kind"].get(k, 0)) for k in used],
+                 str(row["copy_bytes"]), check]
+        lines.append("| " + " | ".join(cells) + " |")
+    ok = [r for r in rows.values() if "error" not in r]
+    images = sum(r["image_bytes"] for r in ok)
+    total = images + sum(r["kept_bytes"] for r in ok)
+    summary = [f"Over {len(ok)} models: {sum(r['images'] for r in ok)} intermediate tensors in "
+               f"images, {sum(r['kept'] for r in ok)} in buffers; "
+               f"{100 * images / total if total else 0:.0f}% of the intermediate bytes in images."]
+    md = [f"# Activations in texture memory over the zoo ({data['target']})", "",
+          f"Commit `{data['git_commit']}`, TVM {data['tvm']}, {data['host']}, policy "
+          f"`{data['policy']}`. Intermediates are the tensors one kernel writes and only other "
+          "kernels read; 'bytes in images' is their share of those tensors' bytes.  The "
+          "buffer columns count the reasons `PackActivationsToTexture` recorded (see its "
+          "module doc); 'copy bytes' is what one copy per extra layout would take where "
+          "readers reduce over different axes.  'PoCL vs ORT' runs the texture build on this "
+          "machine's OpenCL device.", "", *lines, "", *summary, "",
+          f"Reproduce: `{data['command']}`", f"Raw data: `benchmarks/results/{name}.json`", ""]
+    (out / f"{name}.md").write_text("\n".join(md))
+    _plot(rows, out / f"{name}.png")
+    print("\n".join(md))
+    return out / f"{name}.md"
+
+
+def _plot(rows: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    names = [n for n, r in rows.items() if "error" not in r]
+    images = [rows[n]["image_bytes"] / 2 ** 20 for n in names]
+    kept = [rows[n]["kept_bytes"] / 2 ** 20 for n in names]
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(names), 4))
+    ax.bar(range(len(names)), images, color="tab:green", label="in images")
+    ax.bar(range(len(names)), kept, bottom=images, color="tab:gray", label="in buffers")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_ylabel("intermediate tensors (MiB)")
+    ax.set_title("Where the texture pipeline puts each model's intermediates")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="all", help="comma list of zoo models (default: all)")
+    p.add_argument("--check", action="store_true",
+                   help="also run the texture build on the local OpenCL device against ORT")
+    p.add_argument("--name", default="texture_activations", help="results file stem")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    import tvm
+
+    from tvm_smartmem import zoo
+    from tvm_smartmem.bench import git_commit
+
+    data = {"target": "opencl-texture", "git_commit": git_commit(), "tvm": tvm.__version__,
+            "host": platform.node(),
+            "policy": os.environ.get("TVM_SMARTMEM_TEXTURE_ACTIVATIONS", "measured"),
+            "command": "python benchmarks/texture_activations.py " + " ".join(sys.argv[1:]),
+            "models": measure(zoo.resolve(args.models), args.check)}
+    write(data, args.name)
+
+
+if __name__ == "__main__":
+    main()
