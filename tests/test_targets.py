@@ -44,3 +44,18 @@ def test_bad_options_and_inputs():
     assert targets.resolve({"kind": "llvm"}).kind.name == "llvm"
     t = tvm.target.Target("llvm")
     assert targets.resolve(t) is t
+
+
+def test_texture_limits_from_the_local_device(dev, monkeypatch):
+    """The local OpenCL device's own image limits (PoCL: 16384 x 16384, 2048 layers), and a
+    clear error where there is no device to read them from."""
+    from tvm_smartmem.runtime import opencl
+
+    info = opencl.describe()["devices"][0]
+    width, height, depth = info["image2d_max"]
+    tex = targets.get("opencl-texture", device_limits=True)
+    assert int(tex.attrs["texture_spatial_limit"]) == min(width, height)
+    assert int(tex.attrs["texture_depth_limit"]) == depth
+    monkeypatch.setattr(opencl, "describe", lambda: {"devices": []})
+    with pytest.raises(errors.DeviceNotFoundError, match="no OpenCL device 0"):
+        targets.get("opencl-texture", device_limits=True)

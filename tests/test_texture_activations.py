@@ -29,6 +29,7 @@ from tvm_smartmem.transform.texture import with_buffer_scope
 from tvm_smartmem.transform.texture_activations import (
     AxisUse,
     axis_use,
+    lane_axes,
     lane_axis,
     pack_param,
     packed_shape,
@@ -300,6 +301,11 @@ def test_lane_axis_choice():
     axis, why = lane_axis([AxisUse(pure=frozenset({0})), AxisUse(pure=frozenset({1}))], [4, 4])
     assert axis is None and "different axes [0, 1]" in why
     assert packed_shape([1, 8, 6, 6], 1) == [1, 2, 6, 6, 4]
+    # element-wise readers leave the lane free: every whole-texel axis, innermost first (the
+    # producer picks: a convolution's GEMM writes channels, so W fails and C is taken)
+    assert lane_axes([AxisUse(), AxisUse()], [1, 8, 6, 8]) == ([3, 1], None)
+    axes, why = lane_axes([AxisUse()], [1, 3, 5])
+    assert axes == [] and "no axis of [1, 3, 5] is a multiple of 4" in why
 
 
 # -- schedule rules writing textures -----------------------------------------------------------

@@ -13,7 +13,8 @@
 | ``adreno`` | Qualcomm Adreno phone GPU (TVM's tag), aarch64 Android host | ``opencl`` |
 
 The texture limits (``texture_spatial_limit``, ``texture_depth_limit``) are the conservative
-mobile values; a measured device can raise them (NVIDIA allows 32768-wide images).
+mobile values; ``get("opencl-texture", device_limits=True)`` takes the local OpenCL device's
+own (NVIDIA allows 32768-wide images), and ``spatial_limit=`` / ``depth_limit=`` set them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from tvm.target import Target
 
-from .errors import UnknownTargetError
+from .errors import SmartMemError, UnknownTargetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,27 @@ def _opencl(**opts: Any) -> Target:
     return Target({"kind": "opencl", **opts}, host=_llvm())
 
 
-def _opencl_texture(spatial_limit: int = 16384, depth_limit: int = 2048, **opts: Any) -> Target:
+def device_image_limits(index: int = 0) -> tuple[int, int]:
+    """(largest image width / height, largest image-array depth) of this machine's OpenCL
+    device ``index``, as its driver reports them."""
+    from .errors import DeviceNotFoundError
+    from .runtime import opencl
+
+    devices = opencl.describe().get("devices") or []
+    if index >= len(devices):
+        raise DeviceNotFoundError(f"no OpenCL device {index} to read image limits from "
+                                  f"({len(devices)} found)")
+    dev = devices[index]
+    if not dev.get("image_support"):
+        raise DeviceNotFoundError(f"OpenCL device '{dev['name']}' has no image support")
+    width, height, depth = dev["image2d_max"]
+    return min(width, height), depth
+
+
+def _opencl_texture(spatial_limit: int = 16384, depth_limit: int = 2048,
+                    device_limits: bool = False, **opts: Any) -> Target:
+    if device_limits:  # the limits of the local device, for builds that run here
+        spatial_limit, depth_limit = device_image_limits()
     return Target(
         {
             "kind": "opencl",
@@ -102,7 +123,7 @@ def get(name: str, **options: Any) -> Target:
     """The :class:`tvm.target.Target` for a known name; ``options`` go to its factory."""
     try:
         return spec(name).make(**options)
-    except UnknownTargetError:
+    except SmartMemError:  # unknown name, no device to read limits from: said as it is
         raise
     except Exception as err:
         raise UnknownTargetError(f"bad options for target '{name}': {err}") from None

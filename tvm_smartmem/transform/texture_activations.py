@@ -14,9 +14,10 @@ For every tensor that one ``call_tir`` kernel writes and only other kernels read
    (``k`` of a matmul operand, the channel of a convolution's input, the normalised axis of a
    softmax / layernorm), followed through the element-wise blocks a kernel applies first.  The
    innermost such axis is the lane axis; readers that reduce over nothing (element-wise) accept
-   any, and the last axis is taken.  Readers that want different lane axes would each need a
-   copy in its own layout (SmartMem's pooled copies): the tensor stays in a buffer and the
-   bytes those copies would take are reported.
+   any, and every axis holding whole texels is tried, innermost first, until the producer
+   writes it (step 3: a convolution writes its channels as texels).  Readers that want
+   different lane axes would each need a copy in its own layout (SmartMem's pooled copies):
+   the tensor stays in a buffer and the bytes those copies would take are reported.
 2. **The packed layout** splits the lane axis in place, ``[.., C, ..] -> [.., C / 4, .., 4]``,
    in scope ``global.texture``: the last two axes before the lanes are the image's height and
    width, the ones before fold into the image array's depth (``tir.texture``).  For a GEMM
@@ -135,16 +136,30 @@ def axis_use(func: tirx.PrimFunc, buffer, _seen: frozenset = frozenset()) -> Axi
     return use
 
 
-def lane_axis(uses: list[AxisUse], shape: list[int]) -> tuple[int | None, str | None]:
-    """(lane axis, None), or (None, why no single lane axis serves every reader)."""
+def lane_axes(uses: list[AxisUse], shape: list[int]) -> tuple[list[int], str | None]:
+    """(lane axes to try, in order of preference, None), or ([], why no lane axis serves
+    every reader).  Readers that reduce fix the lane axis; readers that only read element by
+    element leave it free: every axis holding whole texels, innermost first (the producer
+    decides among them -- a convolution writes its channels as texels, not its width)."""
     wanted = {max(u.pure) for u in uses if u.pure}
     if len(wanted) > 1:
-        return None, (f"readers reduce over different axes {sorted(wanted)}: one layout each "
-                      "(pooled copies)")
-    axis = wanted.pop() if wanted else len(shape) - 1
-    if shape[axis] % LANES:
-        return None, f"lane axis {axis} has extent {shape[axis]}, not a multiple of {LANES}"
-    return axis, None
+        return [], (f"readers reduce over different axes {sorted(wanted)}: one layout each "
+                    "(pooled copies)")
+    if wanted:
+        axis = wanted.pop()
+        if shape[axis] % LANES:
+            return [], f"lane axis {axis} has extent {shape[axis]}, not a multiple of {LANES}"
+        return [axis], None
+    free = [a for a in reversed(range(len(shape))) if shape[a] % LANES == 0]
+    if not free:
+        return [], f"no axis of {shape} is a multiple of {LANES}"
+    return free, None
+
+
+def lane_axis(uses: list[AxisUse], shape: list[int]) -> tuple[int | None, str | None]:
+    """The preferred lane axis of :func:`lane_axes` (or None and the reason)."""
+    axes, why = lane_axes(uses, shape)
+    return (axes[0], None) if axes else (None, why)
 
 
 def packed_shape(shape: list[int], lane: int) -> list[int]:
@@ -308,14 +323,21 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
         lane = None
         if reason is None:
             uses = [axis_use(sites[u].func, sites[u].func.params[k]) for u, k in readers]
-            lane, reason = lane_axis(uses, shape)
-            if lane is None and reason and "copies" in reason:
+            candidates, reason = lane_axes(uses, shape)
+            if reason and "copies" in reason:
                 copies = len({max(u.pure) for u in uses if u.pure})
                 record["copy_bytes"] += (copies - 1) * _bytes(shape, str(var.ty.dtype))
-        if reason is None:
-            reason = extent_reason(packed_shape(shape, lane), limits)
-        if reason is None:
-            reason = _try_place(sites, i, readers, lane, target, rules)
+            failures = []
+            for axis in candidates:
+                why = extent_reason(packed_shape(shape, axis), limits) or \
+                    _try_place(sites, i, readers, axis, target, rules)
+                if why is None:
+                    lane = axis
+                    break
+                failures.append(why)
+            if failures and lane is None:
+                reason = failures[0] + (f" (lane axes {candidates[1:]} tried too)"
+                                        if len(candidates) > 1 else "")
         if reason is not None:
             record["kept"][var.name] = reason
             record["kept_bytes"] += _bytes(shape, str(var.ty.dtype))
