@@ -169,15 +169,19 @@ def _plot(rows: dict, path: Path) -> None:
         print("matplotlib not installed: no plot (pip install matplotlib)")
         return
     names = [n for n, r in rows.items() if "error" not in r]
-    images = [rows[n]["image_bytes"] / 2 ** 20 for n in names]
-    kept = [rows[n]["kept_bytes"] / 2 ** 20 for n in names]
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(names), 4))
-    ax.bar(range(len(names)), images, color="tab:green", label="in images")
-    ax.bar(range(len(names)), kept, bottom=images, color="tab:gray", label="in buffers")
+    share = [100 * _share(rows[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * len(names), 4.2))
+    ax.bar(range(len(names)), share, color="tab:green", label="bytes in images")
+    ax.bar(range(len(names)), [100 - v for v in share], bottom=share, color="tab:gray",
+           label="bytes in buffers")
+    for x, n in enumerate(names):  # tensor counts on top: images / all intermediates
+        ax.text(x, 101, f"{rows[n]['images']}/{rows[n]['images'] + rows[n]['kept']}",
+                ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-    ax.set_ylabel("intermediate tensors (MiB)")
-    ax.set_title("Where the texture pipeline puts each model's intermediates")
-    ax.legend()
+    ax.set_ylim(0, 128)
+    ax.set_ylabel("% of intermediate bytes")
+    ax.set_title("Intermediates the texture pipeline puts into images (count: images / all)")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -10,8 +10,9 @@ with ``pyopencl[pocl]``); a vendor platform (NVIDIA, Qualcomm, ARM) is preferred
 
 This tutorial compiles a ViT-like encoder block for OpenCL with the smartmem pipeline, runs it
 on the local OpenCL device, checks it against ONNX Runtime and times it, then compiles it again
-for the ``opencl-texture`` target, where the matmul weights live in image (2.5D texture)
-memory, packed by their reduction dimension into the RGBA lanes of each texel.
+for the ``opencl-texture`` target, where the matmul weights and the intermediate activations
+live in image (2.5D texture) memory, packed by their reduction dimension into the RGBA lanes
+of each texel.
 """
 
 # %%
@@ -31,6 +32,7 @@ from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.report import compare_pipelines
 from tvm_smartmem.runtime import opencl
 from tvm_smartmem.transform.texture import texture_weights_of
+from tvm_smartmem.transform.texture_activations import texture_activations_of
 
 info = opencl.describe()
 device = info["devices"][0]
@@ -121,6 +123,28 @@ ok, err = numerics.compare([out_tex.numpy()],
                            numerics.onnxruntime_reference(onnx_model, inputs))
 print(f"texture build matches ONNX Runtime: {ok} (max scale-normalised error {err:.1e})")
 assert ok
+
+# %%
+# Activations in images
+# ---------------------
+# The intermediate tensors go to images too (``PackActivationsToTexture``): after fusion, each
+# tensor one kernel writes and other kernels read is packed along the axis its readers reduce
+# over -- the hidden dimension a GEMM or a layernorm reads -- four values per texel, when every
+# kernel touching it still schedules and lowers with the image; the others stay buffers, and
+# the function says why (here: the attention kernel's inputs and output).
+placement = texture_activations_of(kernels["main"])
+print("activations in images:", placement["images"])
+print("kept in buffers:", placement["kept"])
+# %%
+# The VM asks the runtime's allocator for those images (``DeviceAllocator.opencl``).  It pools
+# them by extent: the first inference creates them, later ones reuse them.
+stats = tvm.get_global_func("smartmem.opencl.allocator_stats")
+before = dict(stats())
+vm_tex["main"](*[tvm.runtime.tensor(a, dev) for a in inputs.values()], *weights_tex)
+after = dict(stats())
+print("images created by another inference:", after["images_created"] - before["images_created"],
+      "reused:", after["images_reused"] - before["images_reused"])
+assert after["images_created"] == before["images_created"]
 
 # %%
 # Buffers against textures, side by side: on a CPU OpenCL device (PoCL) only the ratio of two
