@@ -240,10 +240,6 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
         from .tir.schedules import LongRowReduction
 
         rules.insert(3, LongRowReduction())
-    if attention:  # fused attentions (FusePlan made them for this rule)
-        from .tir.attention import FusedAttention
-
-        rules.insert(0, FusedAttention())
     if texture:  # kernels touching images first; the buffer rules take the rest
         from .tir.schedules import (
             TextureElementwise,
@@ -254,6 +250,10 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
 
         rules = [TextureElementwise(), TextureMatmul(), TextureRowReduction(),
                  TextureFallback(), *rules]
+    if attention:  # fused attentions (FusePlan made them for this rule; images or buffers)
+        from .tir.attention import FusedAttention
+
+        rules.insert(0, FusedAttention())
     return rules
 
 

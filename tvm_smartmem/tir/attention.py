@@ -21,7 +21,9 @@ DNNFusion count as one fused kernel, scheduled here without tensor cores (the se
 models we target are short: 50-200 tokens a head).
 
 Anything that does not have exactly this shape is declined (``None``), and the buffer rules
-that follow in the list take it.
+that follow in the list take it.  Q, K and V may be images (texels read one value at a time);
+when the output is an image (texture activations), each lane accumulates whole texels -- four
+consecutive outputs of one row -- and writes them as one RGBA store.
 """
 
 from __future__ import annotations
@@ -183,19 +185,28 @@ class FusedAttention(dl.ScheduleRule):
         loops = sch.get_loops(found.out)
         batch, i, e, j = loops[:n_batch], loops[n_batch], loops[n_batch + 1], loops[-1]
         io, ii = sch.split(i, [None, rows])
-        eo, ex = sch.split(e, [None, LANES])
-        sch.reorder(*batch, io, ii, ex, eo, j)
+        texels = _writes_image(func)
+        if texels and head_dim % TEXEL:
+            return None
+        if texels:  # an image output: each lane owns whole texels (4 consecutive outputs)
+            eo, ex, e4 = sch.split(e, [None, min(LANES, head_dim // TEXEL), TEXEL])
+            sch.reorder(*batch, io, ii, ex, eo, e4, j)
+        else:
+            eo, ex = sch.split(e, [None, LANES])
+            sch.reorder(*batch, io, ii, ex, eo, j)
         bx = sch.fuse(*batch, io) if batch else io
         sch.bind(bx, "blockIdx.x")
         sch.bind(ii, "threadIdx.y")
         sch.bind(ex, "threadIdx.x")
         # accumulate in registers; the epilogue (head merge, bias ...) writes from them, one
         # output at a time (at the lane loop the strided outputs' region would be relaxed to
-        # an interval covering other lanes' outputs)
+        # an interval covering other lanes' outputs) -- or one texel at a time into an image
         acc = sch.cache_write(found.out, 0, "local")
         for name in _epilogue_names(sch):
             sch.reverse_compute_inline(sch.get_sblock(name))
         sch.reverse_compute_at(acc, eo, preserve_unit_loops=True)
+        if texels:
+            sch.vectorize(sch.get_loops(acc)[-1])
 
         # producers, last first, each at the block loop with rows on threadIdx.y
         for block in (found.probs, *reversed(found.stats)):
@@ -210,7 +221,22 @@ class FusedAttention(dl.ScheduleRule):
             # takes it for one thread and leaves out the barrier (a race on real GPUs)
             sch.set_scope(block, 0, "shared" if block is found.probs else "local")
         _schedule_scores(sch, found.scores, bx, key_reads if cache_keys else [], rows)
+        if texels:  # an epilogue that does not vectorise is staged in registers (or declined)
+            from .schedules import stage_texture_writes
+
+            return stage_texture_writes(sch)
         return sch
+
+
+#: Values per texel of an image (RGBA).
+TEXEL = 4
+
+
+def _writes_image(func: tirx.PrimFunc) -> bool:
+    """Is the kernel's output a texture (``PackActivationsToTexture`` placed it in an image)?"""
+    from .texture import is_texture
+
+    return bool(func.params) and is_texture(func.params[-1])
 
 
 def _key_reads(sch: s_tir.Schedule, scores) -> list[int]:

@@ -13,7 +13,8 @@
 ``TextureRowReduction``  a layernorm / softmax / RMSNorm whose output is a texture packed
                    along the row: each thread reduces and writes whole texels.
 ``TextureFallback``  any other kernel writing a texture (depthwise convolution, pooling, a
-                   one-row GEMM): one texel per thread, its lanes computed in registers.
+                   one-row GEMM -- never a GEMM with rows and columns): one texel per thread,
+                   its lanes computed in registers.
 
 Every texture store is *staged* (:func:`stage_texture_writes`): computed into four registers,
 then written by a copy that always vectorises into one RGBA write.
@@ -104,6 +105,32 @@ def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
     if not copies:
         return sch
     return s_tir.Schedule(_guard_copies(sch.mod["main"], set(copies)))
+
+
+def _is_gemm(func: tirx.PrimFunc) -> bool:
+    """Does ``func`` contract two tensors into an output with more than one row and column (a
+    GEMM, a convolution as implicit GEMM)?  A texel per thread with the reduction serial would
+    be a naive GEMM: such kernels write images only through ``TextureMatmul``'s tiles (a GEMV,
+    one row or column, is fine)."""
+    from tvm.s_tir.dlight.gpu.matmul import get_index_map
+
+    from ..analysis.classify import prim_blocks
+
+    for block in prim_blocks(func):
+        if block.init is None:
+            continue
+        maps = get_index_map(block)
+        if maps is None:
+            continue
+        extents = [iv.dom.extent for iv in block.iter_vars]
+        try:
+            _, rows, cols, _ = maps[0].map_shape(extents)
+        except Exception:  # not a plain [S, I, J, K] contraction: not a GEMM for this check
+            continue
+        if not (isinstance(rows, tirx.IntImm) and isinstance(cols, tirx.IntImm)) or \
+                (int(rows) > 1 and int(cols) > 1):
+            return True
+    return False
 
 
 def _is_copy(block) -> bool:
@@ -288,7 +315,7 @@ class TextureFallback(dl.ScheduleRule):
     def apply(self, func, target, _tunable):
         from ..analysis.classify import prim_blocks
 
-        if not isinstance(func, tirx.PrimFunc) or not _writes_texture(func):
+        if not isinstance(func, tirx.PrimFunc) or not _writes_texture(func) or _is_gemm(func):
             return None
         sch = s_tir.Schedule(func)
         writers = [b for b in prim_blocks(func) if any(is_texture(w.source) for w in b.writes)]

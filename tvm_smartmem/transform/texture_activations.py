@@ -31,12 +31,15 @@ For every tensor that one ``call_tir`` kernel writes and only other kernels read
    thread (``LowerTextureAccess`` refuses anything else).  A tensor whose kernels fail stays in
    a buffer, with the reason.
 
-Kernels that ``FusedAttention`` schedules keep buffers (the rule stages Q, K, V through shared
-memory).  Graph inputs and outputs, and tensors read by anything but kernels (views, tuples),
-are never placed.  Whether images pay is a property of the device, as for weights: the
-``opencl-texture`` entry of ``tir/matmul_configs.json`` may say ``texture_activations: buffer``
-for a measured device, an unmeasured one packs; ``TVM_SMARTMEM_TEXTURE_ACTIVATIONS=always|never|
-measured`` overrides.  The decisions are recorded as ``smartmem.texture_activations`` on the
+Fused attention kernels read Q / K / V from images and write their output as texels
+(``FusedAttention``); a Q/K/V projection whose V is reduced over the tokens wants the tokens in
+the lanes, which its GEMM cannot write, so it stays a buffer (the reason says so).  Graph inputs
+and outputs, and tensors read by anything but kernels (views, tuples), are never placed.
+
+Whether images pay is a property of the device, as for weights: the ``opencl-texture`` entry
+of ``tir/matmul_configs.json`` may say ``texture_activations: buffer`` for a measured device,
+an unmeasured one packs; ``TVM_SMARTMEM_TEXTURE_ACTIVATIONS=always|never|measured``
+overrides.  The decisions are recorded as ``smartmem.texture_activations`` on the
 function (``images``: tensor -> image extents, ``kept``: tensor -> reason, ``image_bytes``,
 ``kept_bytes``, ``copy_bytes``).  ``AllocateTextureTensors`` and ``TextureStorageViews`` then
 allocate the chosen tensors as images at run time.
@@ -273,15 +276,6 @@ def _schedule_error(func: tirx.PrimFunc, target: Target, rules: list) -> str | N
     return None
 
 
-def _is_attention(func: tirx.PrimFunc, target: Target) -> bool:
-    from ..tir.attention import FusedAttention
-
-    try:
-        return FusedAttention().apply(func, target, False) is not None
-    except Exception:  # the rule's assumptions do not hold: not an attention kernel
-        return False
-
-
 def place_function(mod: tvm.IRModule, target: Target, rules: list,
                    func_name: str = "main", policy: str | None = None) -> tvm.IRModule:
     """Place the intermediate tensors of ``func_name`` in images (see module doc)."""
@@ -296,7 +290,6 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
     for i, b in enumerate(block.bindings):
         if _call_tir(b.value) and isinstance(mod[b.value.args[0]], tirx.PrimFunc):
             sites[i] = _Site(i, mod[b.value.args[0]], len(b.value.args[1].fields))
-    attention = {i for i, s in sites.items() if _is_attention(s.func, target)}
     limits = image_limits(target)
     lanes: dict[str, int] = {}  # placed tensor -> its lane axis
     for i in sites:
@@ -318,8 +311,6 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
             record["kept_bytes"] += _bytes(shape, str(var.ty.dtype))
             continue
         reason = not_worth_it
-        if reason is None and ({i} | {u for u, _ in readers}) & attention:
-            reason = "an attention kernel (FusedAttention) writes or reads it"
         lane = None
         if reason is None:
             uses = [axis_use(sites[u].func, sites[u].func.params[k]) for u, k in readers]
