@@ -86,12 +86,19 @@ def measure(names: list[str], check: bool) -> dict:
             with target:
                 kernels = smartmem_pipeline(target, phases=UP_TO_KERNELS)(mod)
             record = texture_activations_of(kernels["main"])
+            rules: dict[str, int] = {}  # schedule rule of each kernel touching an image
+            for _, func in kernels.functions_items():
+                if isinstance(func, tvm.tirx.PrimFunc) and func.attrs and \
+                        "smartmem.texture_buffers" in func.attrs:
+                    rule = str(func.attrs.get("smartmem.schedule_rule", "none"))
+                    rules[rule] = rules.get(rule, 0) + 1
             kinds: dict[str, int] = {}
             for why in record["kept"].values():
                 kinds[kind_of(why)] = kinds.get(kind_of(why), 0) + 1
             row.update(images=len(record["images"]), kept=len(record["kept"]),
                        image_bytes=record["image_bytes"], kept_bytes=record["kept_bytes"],
                        copy_bytes=record["copy_bytes"], kept_by_kind=kinds,
+                       texture_kernel_rules=rules,
                        record=record, compile_seconds=round(time.time() - t0, 1))
             if check:
                 ex = tvm.compile(mod, target, relax_pipeline="smartmem")
@@ -141,9 +148,16 @@ def write(data: dict, name: str) -> Path:
     ok = [r for r in rows.values() if "error" not in r]
     images = sum(r["image_bytes"] for r in ok)
     total = images + sum(r["kept_bytes"] for r in ok)
+    by_rule: dict[str, int] = {}
+    for r in ok:
+        for rule, n in r.get("texture_kernel_rules", {}).items():
+            by_rule[rule] = by_rule.get(rule, 0) + n
     summary = [f"Over {len(ok)} models: {sum(r['images'] for r in ok)} intermediate tensors in "
                f"images, {sum(r['kept'] for r in ok)} in buffers; "
-               f"{100 * images / total if total else 0:.0f}% of the intermediate bytes in images."]
+               f"{100 * images / total if total else 0:.0f}% of the intermediate bytes in images.",
+               "", "Kernels touching an image, by the schedule rule that took them: " +
+               ", ".join(f"{rule} {n}" for rule, n in sorted(by_rule.items(),
+                                                            key=lambda kv: -kv[1])) + "."]
     md = [f"# Activations in texture memory over the zoo ({data['target']})", "",
           f"Commit `{data['git_commit']}`, TVM {data['tvm']}, {data['host']}, policy "
           f"`{data['policy']}`. Intermediates are the tensors one kernel writes and only other "

@@ -423,6 +423,19 @@ def test_fallback_rule_writes_texels_of_any_kernel(dev, case):
     assert_matches([_unpack(img.numpy(), lane)], [ref(*arrays).astype(F32)])
 
 
+def test_fallback_rule_leaves_matrix_products_to_the_gemm_rule():
+    """A texel per thread with a serial reduction would be a naive GEMM: a matrix product
+    with rows and columns is declined (GEMV and convolutions are taken, above)."""
+    from tvm import topi
+
+    from tvm_smartmem.tir.schedules import TextureFallback
+
+    gemm = pack_param(_prim(lambda a, b: topi.matmul(a, b), (8, 16), (16, 12)), 2, 1)
+    gemv = pack_param(_prim(lambda a, b: topi.matmul(a, b), (1, 16), (16, 12)), 2, 1)
+    assert TextureFallback().apply(gemm, TEXTURE, False) is None
+    assert TextureFallback().apply(gemv, TEXTURE, False) is not None
+
+
 def test_a_gelu_epilogue_with_an_overhanging_tile_writes_every_texel_once(dev):
     """GEMM + bias + GELU written to an image, 17 rows (the GEMM tile overhangs): ``erf``
     does not vectorise, so the epilogue is staged in registers and each texel written by one

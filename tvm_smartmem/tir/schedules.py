@@ -108,16 +108,18 @@ def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
 
 
 def _is_gemm(func: tirx.PrimFunc) -> bool:
-    """Does ``func`` contract two tensors into an output with more than one row and column (a
-    GEMM, a convolution as implicit GEMM)?  A texel per thread with the reduction serial would
-    be a naive GEMM: such kernels write images only through ``TextureMatmul``'s tiles (a GEMV,
-    one row or column, is fine)."""
+    """Is ``func`` a matrix product with more than one row and column?  A texel per thread
+    with the reduction serial would be a naive GEMM: matrix products write images only through
+    ``TextureMatmul``'s tiles (a GEMV, one row or column, is fine).  Convolutions are not
+    refused: one output texel per thread looping over the input channels and the window is how
+    mobile GPU libraries run them on images (MNN, TFLite's GPU delegate), and ``TextureMatmul``
+    cannot always stage a convolution's tile (its pixels may wrap an image row)."""
     from tvm.s_tir.dlight.gpu.matmul import get_index_map
 
     from ..analysis.classify import prim_blocks
 
     for block in prim_blocks(func):
-        if block.init is None:
+        if block.init is None or "conv" in block.name_hint:
             continue
         maps = get_index_map(block)
         if maps is None:
