@@ -219,18 +219,26 @@ class TextureElementwise(dl.ScheduleRule):
             return None
         if any(iv.iter_type != tirx.IterVar.DataPar for iv in block.iter_vars):
             return None
-        if not _iterate_like_texture(sch, blocks[0]):
+        if _texels_on_threads(sch, blocks[0], self.threads) is None:
             return None
-        loops = sch.get_loops(blocks[0])
-        lane = sch.get(loops[-1])
-        if not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
-            return None
-        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        bx, tx = sch.split(outer, [None, self.threads])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(loops[-1])
         return stage_texture_writes(sch)
+
+
+def _texels_on_threads(sch: s_tir.Schedule, block_rv, threads: int):
+    """Iterate the block over the texels of the texture it writes, one texel per thread (the
+    lanes vectorised); the thread loop, or None when the block cannot iterate that way."""
+    if not _iterate_like_texture(sch, block_rv):
+        return None
+    loops = sch.get_loops(block_rv)
+    lane = sch.get(loops[-1])
+    if not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
+        return None
+    outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    bx, tx = sch.split(outer, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(loops[-1])
+    return tx
 
 
 def _iterate_like_texture(sch: s_tir.Schedule, block_rv) -> bool:
@@ -265,20 +273,12 @@ class TextureRowReduction(dl.ScheduleRule):
         self.max_threads = max_threads
 
     def apply(self, func, target, _tunable):
-        from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
-
         if not isinstance(func, tirx.PrimFunc) or not _writes_texture(func):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        infos = try_inline_contiguous_spatial(sch, infos) if infos else None
-        if not infos or len(infos) < 2:
+        found = _row_reduction(func)
+        if found is None:
             return None
-        shape = _row_shape(infos)
-        if shape is None:
-            return None
-        n_spatial, n_reduce, _rows, row = shape
+        sch, infos, (n_spatial, n_reduce, _rows, row) = found
         if n_reduce != 1 or row % LANES:
             return None
         texels = row // LANES
@@ -333,17 +333,9 @@ class TextureFallback(dl.ScheduleRule):
             # not injective or not inlinable: computed per texel below
             with contextlib.suppress(Exception):
                 sch.compute_inline(rv)
-        if not _iterate_like_texture(sch, writer):
+        tx = _texels_on_threads(sch, writer, self.threads)
+        if tx is None:
             return None
-        loops = sch.get_loops(writer)
-        lane = sch.get(loops[-1])
-        if not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
-            return None
-        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        bx, tx = sch.split(outer, [None, self.threads])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        sch.vectorize(loops[-1])
         rest = [b for b in prim_blocks(sch.mod["main"])
                 if b.name_hint != sch.get(writer).name_hint]
         for block in reversed(rest):  # producers last to first, each under the thread
@@ -370,20 +362,12 @@ class LongRowReduction(dl.ScheduleRule):
         self.max_rows, self.min_row = max_rows, min_row
 
     def apply(self, func, target, _tunable):
-        from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
-
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        infos = try_inline_contiguous_spatial(sch, infos) if infos else None
-        if not infos or len(infos) < 2:
+        found = _row_reduction(func)
+        if found is None:
             return None
-        shape = _row_shape(infos)
-        if shape is None:
-            return None
-        n_spatial, n_reduce, rows, row = shape
+        sch, infos, (n_spatial, n_reduce, rows, row) = found
         if rows > self.max_rows or row < self.min_row:
             return None
         threads = int(target.attrs.get("max_num_threads", 1024))
@@ -409,6 +393,21 @@ class LongRowReduction(dl.ScheduleRule):
 def _unroll(sch: s_tir.Schedule, loop) -> None:
     sch.annotate(loop, "pragma_auto_unroll_max_step", 256)
     sch.annotate(loop, "pragma_unroll_explicit", 1)
+
+
+def _row_reduction(func: tirx.PrimFunc):
+    """(schedule, dlight block infos, :func:`_row_shape`) of a row-reduction kernel -- the
+    same ``S..SR..R`` reductions followed by an injective epilogue -- or None."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    infos = try_inline_contiguous_spatial(sch, infos) if infos else None
+    if not infos or len(infos) < 2:
+        return None
+    shape = _row_shape(infos)
+    return None if shape is None else (sch, infos, shape)
 
 
 def _row_shape(infos) -> tuple[int, int, int, int] | None:

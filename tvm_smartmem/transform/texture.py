@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import tvm
 import tvm_ffi
@@ -69,23 +70,33 @@ POLICY_ENV = "TVM_SMARTMEM_TEXTURE_WEIGHTS"
 POLICIES = ("measured", "always", "never")
 
 
-def policy_reason(target: Target | None, policy: str | None = None) -> str | None:
-    """Why the policy keeps every weight of ``target`` in buffers, or None when it packs."""
+def measured_policy(target: Target | None, policy: str | None, env: str, verdict: str,
+                    why: Callable[[dict], str]) -> str | None:
+    """Why a texture policy keeps ``target``'s tensors in buffers, or None when it packs.
+
+    ``policy`` (else ``$env``, else ``measured``) is ``always``, ``never`` or ``measured``: the
+    ``opencl-texture`` entry of ``tir/matmul_configs.json`` saying ``verdict: buffer`` for the
+    target's kind (``why(entry)`` words the measurement); a kind never measured packs."""
     from ..tir.matmul import load_table, target_key
 
-    policy = policy or os.environ.get(POLICY_ENV) or "measured"
+    policy = policy or os.environ.get(env) or "measured"
     if policy not in POLICIES:
-        raise ValueError(f"{POLICY_ENV}={policy}: expected one of {', '.join(POLICIES)}")
+        raise ValueError(f"{env}={policy}: expected one of {', '.join(POLICIES)}")
     if policy == "always":
         return None
     if policy == "never":
-        return f"{POLICY_ENV}=never"
+        return f"{env}=never"
     key = target_key(target) if target is not None else None
     entry = load_table().get(f"{key}-texture", {}) if key else {}
-    if entry.get("texture_weights") == "buffer":
-        return (f"texture GEMMs measured slower than buffer GEMMs on {entry.get('device')} "
-                f"({entry.get('texture_over_buffer')}x, {entry.get('measured')})")
-    return None
+    return why(entry) if entry.get(verdict) == "buffer" else None
+
+
+def policy_reason(target: Target | None, policy: str | None = None) -> str | None:
+    """Why the policy keeps every weight of ``target`` in buffers, or None when it packs."""
+    return measured_policy(
+        target, policy, POLICY_ENV, "texture_weights",
+        lambda e: (f"texture GEMMs measured slower than buffer GEMMs on {e.get('device')} "
+                   f"({e.get('texture_over_buffer')}x, {e.get('measured')})"))
 
 
 def pack_reason(k: int, n: int, dtype: str, limit: int) -> str | None:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import tvm
 import tvm_ffi
@@ -64,7 +63,6 @@ from .partition import Block, bind_like, is_single_block, rebuild_function, subs
 ACTIVATIONS_ATTR = "smartmem.texture_activations"
 SCOPE = "global.texture"
 POLICY_ENV = "TVM_SMARTMEM_TEXTURE_ACTIVATIONS"
-POLICIES = ("measured", "always", "never")
 _DTYPES = ("float32", "float16")
 log = logging.getLogger(__name__)
 
@@ -199,21 +197,12 @@ def pack_param(func: tirx.PrimFunc, index: int, lane: int) -> tirx.PrimFunc:
 
 def policy_reason(target: Target | None, policy: str | None = None) -> str | None:
     """Why the policy keeps every activation of ``target`` in buffers, or None when it packs."""
-    from ..tir.matmul import load_table, target_key
+    from .texture import measured_policy
 
-    policy = policy or os.environ.get(POLICY_ENV) or "measured"
-    if policy not in POLICIES:
-        raise ValueError(f"{POLICY_ENV}={policy}: expected one of {', '.join(POLICIES)}")
-    if policy == "always":
-        return None
-    if policy == "never":
-        return f"{POLICY_ENV}=never"
-    key = target_key(target) if target is not None else None
-    entry = load_table().get(f"{key}-texture", {}) if key else {}
-    if entry.get("texture_activations") == "buffer":
-        return (f"activations in images measured slower than buffers on {entry.get('device')} "
-                f"({entry.get('activations_measured')})")
-    return None
+    return measured_policy(
+        target, policy, POLICY_ENV, "texture_activations",
+        lambda e: (f"activations in images measured slower than buffers on {e.get('device')} "
+                   f"({e.get('activations_measured')})"))
 
 
 def image_limits(target: Target | None) -> tuple[int, int]:
