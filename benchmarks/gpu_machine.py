@@ -108,8 +108,8 @@ def prepare(args: argparse.Namespace) -> None:
         path = zoo.model_path(name)
         model = onnx.load(str(path))
         mod, params = frontend.from_onnx(model)
-        names = frontend.weight_names(model.graph)
-        weights = [init.name for init in model.graph.initializer if init.name in names]
+        weight_set = frontend.weight_names(model.graph)
+        weights = [init.name for init in model.graph.initializer if init.name in weight_set]
         out = bundle / "models" / name
         out.mkdir()
         entry = {"inputs": frontend.input_signature(mod), "weights": _weight_spec(params),
