@@ -305,6 +305,11 @@ def test_lane_axis_choice():
     assert lane_axes([AxisUse(), AxisUse()], [1, 8, 6, 8]) == ([3, 1], None)
     axes, why = lane_axes([AxisUse()], [1, 3, 5])
     assert axes == [] and "no axis of [1, 3, 5] is a multiple of 4" in why
+    # a 7 x 7 pooling window holds no whole texels: four channels per texel instead; a
+    # softmax / GEMM over 197 keys would read one lane per texel fetched: it keeps a buffer
+    assert lane_axes([AxisUse(pure=frozenset({2, 3}))], [1, 8, 7, 7]) == ([1], None)
+    axes, why = lane_axes([AxisUse(pure=frozenset({3}))], [1, 12, 197, 197])
+    assert axes == [] and "extent 197, not a multiple of 4" in why
 
 
 # -- schedule rules writing textures -----------------------------------------------------------

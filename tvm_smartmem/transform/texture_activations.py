@@ -15,7 +15,9 @@ For every tensor that one ``call_tir`` kernel writes and only other kernels read
    softmax / layernorm), followed through the element-wise blocks a kernel applies first.  The
    innermost such axis is the lane axis; readers that reduce over nothing (element-wise) accept
    any, and every axis holding whole texels is tried, innermost first, until the producer
-   writes it (step 3: a convolution writes its channels as texels).  Readers that want
+   writes it (step 3: a convolution writes its channels as texels); so are they when a
+   pooling's window holds no whole texels (a 7 x 7 window then reads four channels per
+   texel).  Readers that want
    different lane axes would each need a copy in its own layout (SmartMem's pooled copies):
    the tensor stays in a buffer and the bytes those copies would take are reported.
 2. **The packed layout** splits the lane axis in place, ``[.., C, ..] -> [.., C / 4, .., 4]``,
@@ -146,12 +148,17 @@ def lane_axes(uses: list[AxisUse], shape: list[int]) -> tuple[list[int], str | N
     if len(wanted) > 1:
         return [], (f"readers reduce over different axes {sorted(wanted)}: one layout each "
                     "(pooled copies)")
+    free = [a for a in reversed(range(len(shape))) if shape[a] % LANES == 0]
     if wanted:
         axis = wanted.pop()
-        if shape[axis] % LANES:
-            return [], f"lane axis {axis} has extent {shape[axis]}, not a multiple of {LANES}"
-        return [axis], None
-    free = [a for a in reversed(range(len(shape))) if shape[a] % LANES == 0]
+        if shape[axis] % LANES == 0:
+            return [axis], None
+        # no whole texels along the reduction: a pooling (a 7 x 7 window, over two or more
+        # axes) still reads four channels per texel; a GEMM or a softmax over 197 keys would
+        # read one lane of every texel it fetches, so its input stays a buffer
+        if free and all(len(u.pure) >= 2 for u in uses if u.pure):
+            return free, None
+        return [], f"lane axis {axis} has extent {shape[axis]}, not a multiple of {LANES}"
     if not free:
         return [], f"no axis of {shape} is a multiple of {LANES}"
     return free, None
