@@ -479,6 +479,40 @@ def test_a_gelu_epilogue_with_an_overhanging_tile_writes_every_texel_once(dev):
     assert_matches([out.numpy().reshape(m, n)], [_gelu(xv @ wv + bv).astype(F32)])
 
 
+def test_a_gemm_tile_whose_rows_wrap_an_image_row_is_staged_exactly(dev):
+    """A channels-last linear layer + GELU on 16 x 6 pixels, written as an image packed along
+    its 64 channels: each thread's 4 rows are consecutive pixels that wrap the 6-pixel image
+    row, so the registers are laid out with the pixels fused (the image's own layout would
+    cover other threads' texels); every value checked against numpy."""
+    from tvm import topi
+
+    from tvm_smartmem.pipeline import gpu_rules
+    from tvm_smartmem.tir.schedule import apply_rules
+
+    h, w, cin, cout = 16, 6, 32, 64
+
+    def linear_gelu(x, wt):
+        y = topi.nn.matmul(topi.reshape(x, (h * w, cin)), wt)
+        y = topi.reshape(y, (1, h, w, cout))
+        return te.compute(y.shape, lambda *i: 0.5 * y(*i) * (
+            1.0 + te.erf(y(*i) * (1.0 / math.sqrt(2.0)))), name="gelu")
+
+    func = pack_param(_prim(linear_gelu, (1, h, w, cin), (cin, cout)), 2, 3)
+    with TEXTURE:
+        scheduled, rule = apply_rules(func, TEXTURE, gpu_rules(frozenset(), texture=True))
+    assert rule == "TextureMatmul"
+    mod = LowerTextureAccess()(tvm.IRModule({"main": scheduled.with_attr("global_symbol",
+                                                                         "main")}))
+    ex = tvm.compile(mod, TEXTURE)
+    rng = np.random.default_rng(11)
+    xv = rng.standard_normal((1, h, w, cin)).astype(F32)
+    wv = rng.standard_normal((cin, cout)).astype(F32)
+    out = tvm.runtime.empty((1, h, w, cout // 4, 4), F32, dev, mem_scope="global.texture")
+    ex["main"](tvm.runtime.tensor(xv, dev), tvm.runtime.tensor(wv, dev), out)
+    ref = _gelu(xv.reshape(h * w, cin) @ wv).reshape(1, h, w, cout)
+    assert_matches([out.numpy().reshape(1, h, w, cout)], [ref.astype(F32)])
+
+
 def test_a_gemm_reading_a_texture_through_a_head_merge_keeps_its_texel_coordinates(dev):
     """MobileViT's head merge with 36-wide heads: the GEMM's cooperative fetch reads
     ``x[k // 36, m, (k % 36) // 4, k % 4]`` four lanes at a time.  The simplifier cannot show

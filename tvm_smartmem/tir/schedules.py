@@ -61,7 +61,7 @@ def _writes_texture(func: tirx.PrimFunc) -> bool:
 def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
     """Every block writing a texture from the body of a vectorised 4-lane loop computes into
     registers instead, and a copy block writes the texels from them; None when a thread's
-    texels are not one contiguous tile (the rule then declines the kernel).
+    texels cannot be staged exactly (the rule then declines the kernel).
 
     TVM's ``VectorizeLoop`` cannot vectorise every body (a GELU's ``erf``, a select of two
     loads): such a loop is scalarised whole, and a scalarised texture store writes its texel
@@ -71,40 +71,97 @@ def stage_texture_writes(sch: s_tir.Schedule) -> s_tir.Schedule | None:
 
     The copy sits right under the innermost thread-bound loop, so the registers hold the
     thread's whole tile and every texel's vector load reads its own registers: TVM's OpenCL
-    code generator reuses a printed vector load of a local array by its text, across the stores
-    in between, so one staging buffer reused per texel wrote every texel of a GEMM tile with the
-    first one's value.  ``reverse_compute_at`` covers the hull of what the thread computed, so
-    the thread's texels must be contiguous (checked); and it does not carry the computing block's
-    predicate over (a tile that overhangs the tensor), while an image write out of range is
-    undefined -- PoCL writes into the next row -- so the copy is guarded by the image's bounds."""
+    code generator reuses a texture store's value by its printed text, across the stores in
+    between, so one staging buffer reused per texel wrote every texel of a GEMM tile with the
+    first one's value.  ``reverse_compute_at`` gives the copy the hull of what the thread wrote,
+    per axis of the register buffer, and that hull must hold exactly the thread's values
+    (checked).  Where it does not -- a GEMM tile's rows are consecutive pixels, which may wrap an
+    image row (14 x 14 pixels, 4 a thread) -- the buffer's axes other than the texel axis and
+    the lanes are fused into one, for each choice of texel axis (only for blocks that write a
+    value in every iteration, see the code).  ``reverse_compute_at`` also drops the computing
+    block's predicate (a tile that overhangs the tensor), while an image write out of range is
+    undefined -- PoCL writes into the next row -- so the copy is guarded by the image's
+    bounds."""
     from ..analysis.classify import prim_blocks
-    from .texture import LANES
 
     copies: list[str] = []
     for block in prim_blocks(sch.mod["main"]):
         texture_writes = [i for i, w in enumerate(block.writes) if is_texture(w.source)]
         if len(texture_writes) != 1 or block.init is not None or _is_copy(block):
             continue
-        block_rv = sch.get_sblock(block.name_hint)
-        loops = sch.get_loops(block_rv)
+        loops = sch.get_loops(sch.get_sblock(block.name_hint))
         lane = sch.get(loops[-1])
         if len(loops) < 2 or lane.kind != tirx.ForKind.VECTORIZED or \
                 not isinstance(lane.extent, tirx.IntImm) or int(lane.extent.value) != LANES:
             continue
-        bound = [k for k, lp in enumerate(loops[:-1]) if sch.get(lp).thread_binding is not None]
-        at = bound[-1] if bound else len(loops) - 2
-        computed = _extent_product(sch, loops[at + 1:])
-        copy = sch.cache_write(block_rv, texture_writes[0], "local")
-        sch.reverse_compute_at(copy, loops[at], preserve_unit_loops=True)
-        copy_loops = sch.get_loops(copy)[at + 1:]
-        if computed is None or _extent_product(sch, copy_loops) != computed:
-            return None  # the hull the copy covers holds texels of other threads
-        sch.vectorize(copy_loops[-1])
-        sch.unroll(loops[-1])
-        copies.append(sch.get(copy).name_hint)
+        rank = len(block.writes[texture_writes[0]].source.shape)
+        staged = None
+        # the registers laid out like the image first; fused layouts only where every
+        # iteration of the computing block writes a real value: with a predicate (a padded
+        # GEMM tile), a fused register index past one image row is another row's index, and
+        # the copy would write unset registers into real texels
+        fusions = [None] + ([] if rank <= 3 or _predicated(sch, block.name_hint)
+                            else list(reversed(range(rank - 1))))
+        for texel_axis in fusions:
+            staged = _stage_one(sch.copy(), block.name_hint, texture_writes[0], texel_axis)
+            if staged is not None:
+                break
+        if staged is None:
+            return None  # no register layout holds exactly the thread's texels
+        sch, copy_name = staged
+        copies.append(copy_name)
     if not copies:
         return sch
     return s_tir.Schedule(_guard_copies(sch.mod["main"], set(copies)))
+
+
+def _predicated(sch: s_tir.Schedule, name: str) -> bool:
+    """Does block ``name`` run under a predicate (some iterations write nothing)?"""
+    found: list = []
+
+    def on_realize(realize):
+        if realize.block.name_hint == name:
+            found.append(realize.predicate)
+
+    tvm_ffi.structural_walk(sch.mod["main"].body, (s_tir.SBlockRealize, on_realize))
+    return any(not (isinstance(p, tirx.IntImm) and int(p.value) == 1) for p in found)
+
+
+def _stage_one(sch: s_tir.Schedule, name: str, write: int, texel_axis: int | None):
+    """(schedule, copy block name) with block ``name``'s texture write staged in registers
+    laid out like the image, or with every axis but ``texel_axis`` and the lanes fused; None
+    when the copy would not cover exactly the thread's values."""
+    block_rv = sch.get_sblock(name)
+    loops = sch.get_loops(block_rv)
+    bound = [k for k, lp in enumerate(loops[:-1]) if sch.get(lp).thread_binding is not None]
+    at = bound[-1] if bound else len(loops) - 2
+    computed = _extent_product(sch, loops[at + 1:])
+    copy = sch.cache_write(block_rv, write, "local")
+    shape = list(sch.get(block_rv).writes[write].source.shape)
+    if texel_axis is not None:
+        def fuse_others(*idx):
+            flat = None
+            for k in range(len(idx) - 1):
+                if k != texel_axis:
+                    flat = idx[k] if flat is None else flat * shape[k] + idx[k]
+            return flat, idx[texel_axis], idx[-1]
+
+        try:  # the registers and the copy's iterations both in the fused coordinates
+            sch.transform_layout(block_rv, ("write", write), fuse_others)
+            sch.transform_block_layout(copy, tirx.IndexMap.from_func(fuse_others,
+                                                                     ndim=len(shape)))
+        except Exception:  # not expressible (a non-bijective fold): this texel axis is out
+            return None
+    try:
+        sch.reverse_compute_at(copy, loops[at], preserve_unit_loops=True)
+    except Exception:  # the region is not a box TVM can iterate
+        return None
+    copy_loops = sch.get_loops(copy)[at + 1:]
+    if computed is None or _extent_product(sch, copy_loops) != computed:
+        return None  # the hull the copy covers holds values of other threads
+    sch.vectorize(copy_loops[-1])
+    sch.unroll(loops[-1])
+    return sch, sch.get(copy).name_hint
 
 
 def _is_gemm(func: tirx.PrimFunc) -> bool:
@@ -155,16 +212,25 @@ def _extent_product(sch: s_tir.Schedule, loops) -> int | None:
 
 
 def _guard_copies(func: tirx.PrimFunc, names: set[str]) -> tirx.PrimFunc:
-    """``func`` with the named copy blocks predicated on their texture's bounds."""
+    """``func`` with the named copy blocks predicated on their texture's bounds (each index of
+    the store, in loop variables, below the texture's extent)."""
 
     def on_realize(realize):
         block = realize.block
         if block.name_hint not in names:
             return realize
-        shape = block.writes[0].source.shape
+        stores: list = []
+        tvm_ffi.structural_walk(block.body, (tirx.BufferStore, stores.append))
+        store = next(st for st in stores if is_texture(st.buffer))
+        bindings = list(zip([iv.var for iv in block.iter_vars], realize.iter_values,
+                            strict=True))
+
+        def bind(v):
+            return next((value for var, value in bindings if var.same_as(v)), v)
+
         guard = realize.predicate
-        for value, extent in zip(realize.iter_values, shape, strict=True):
-            guard = tirx.And(guard, value < extent)
+        for index, extent in zip(store.indices, store.buffer.shape, strict=True):
+            guard = tirx.And(guard, tvm_ffi.structural_map(index, (tirx.Var, bind)) < extent)
         return s_tir.SBlockRealize(list(realize.iter_values), guard, block)
 
     return tvm_ffi.structural_map(func, (s_tir.SBlockRealize, on_realize))
