@@ -174,13 +174,10 @@ def write(data: dict, name: str) -> Path:
 
 
 def _plot(rows: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from tvm_smartmem.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     names = [n for n, r in rows.items() if "error" not in r]
     share = [100 * _share(rows[n]) for n in names]

@@ -325,6 +325,20 @@ def _texture_kernel(func: tirx.PrimFunc, rule, dev):
     return tvm.compile(mod, TEXTURE)
 
 
+def _pipeline_kernel(func: tirx.PrimFunc, expected_rule: str):
+    """Schedule ``func`` with the texture pipeline's rule list (checking which rule took it),
+    lower its image accesses and build it."""
+    from tvm_smartmem.pipeline import gpu_rules
+    from tvm_smartmem.tir.schedule import apply_rules
+
+    with TEXTURE:
+        scheduled, rule = apply_rules(func, TEXTURE, gpu_rules(frozenset(), texture=True))
+    assert rule == expected_rule
+    mod = LowerTextureAccess()(tvm.IRModule({"main": scheduled.with_attr("global_symbol",
+                                                                         "main")}))
+    return tvm.compile(mod, TEXTURE)
+
+
 def _image_of(array: np.ndarray, dev):
     img = tvm.runtime.empty(array.shape, str(array.dtype), dev, mem_scope="global.texture")
     img.copyfrom(array)
@@ -449,9 +463,6 @@ def test_a_gelu_epilogue_with_an_overhanging_tile_writes_every_texel_once(dev):
     image)."""
     from tvm import topi
 
-    from tvm_smartmem.pipeline import gpu_rules
-    from tvm_smartmem.tir.schedule import apply_rules
-
     m, k, n = 17, 32, 64
 
     def gemm_gelu(x, w, b):
@@ -461,12 +472,7 @@ def test_a_gelu_epilogue_with_an_overhanging_tile_writes_every_texel_once(dev):
 
     func = _prim(gemm_gelu, (m, k), (k, n), (n,))
     func = pack_param(func, 3, 1)
-    with TEXTURE:
-        scheduled, rule = apply_rules(func, TEXTURE, gpu_rules(frozenset(), texture=True))
-    assert rule == "TextureMatmul"
-    mod = LowerTextureAccess()(tvm.IRModule({"main": scheduled.with_attr("global_symbol",
-                                                                         "main")}))
-    ex = tvm.compile(mod, TEXTURE)
+    ex = _pipeline_kernel(func, "TextureMatmul")
     src = ex.mod.imports[0].inspect_source()
     writes = [line.strip() for line in src.splitlines() if "write_imagef(" in line]
     # a thread's 4 x 4 tile: four texels, each written once with its own float4
@@ -486,9 +492,6 @@ def test_a_gemm_tile_whose_rows_wrap_an_image_row_is_staged_exactly(dev):
     cover other threads' texels); every value checked against numpy."""
     from tvm import topi
 
-    from tvm_smartmem.pipeline import gpu_rules
-    from tvm_smartmem.tir.schedule import apply_rules
-
     h, w, cin, cout = 16, 6, 32, 64
 
     def linear_gelu(x, wt):
@@ -498,12 +501,7 @@ def test_a_gemm_tile_whose_rows_wrap_an_image_row_is_staged_exactly(dev):
             1.0 + te.erf(y(*i) * (1.0 / math.sqrt(2.0)))), name="gelu")
 
     func = pack_param(_prim(linear_gelu, (1, h, w, cin), (cin, cout)), 2, 3)
-    with TEXTURE:
-        scheduled, rule = apply_rules(func, TEXTURE, gpu_rules(frozenset(), texture=True))
-    assert rule == "TextureMatmul"
-    mod = LowerTextureAccess()(tvm.IRModule({"main": scheduled.with_attr("global_symbol",
-                                                                         "main")}))
-    ex = tvm.compile(mod, TEXTURE)
+    ex = _pipeline_kernel(func, "TextureMatmul")
     rng = np.random.default_rng(11)
     xv = rng.standard_normal((1, h, w, cin)).astype(F32)
     wv = rng.standard_normal((cin, cout)).astype(F32)
@@ -518,9 +516,6 @@ def test_a_gemm_reading_a_texture_through_a_head_merge_keeps_its_texel_coordinat
     ``x[k // 36, m, (k % 36) // 4, k % 4]`` four lanes at a time.  The simplifier cannot show
     that the four lanes stay in one texel, so the fetch is made scalar rather than leaving the
     lane variable undefined in the texel coordinates (regression: the build failed)."""
-    from tvm_smartmem.pipeline import gpu_rules
-    from tvm_smartmem.tir.schedule import apply_rules
-
     heads, m, hd, n = 4, 64, 36, 48
 
     def merged_gemm(x, w):
@@ -529,12 +524,7 @@ def test_a_gemm_reading_a_texture_through_a_head_merge_keeps_its_texel_coordinat
             x[r // hd, i, r % hd] * w[r, j], axis=r), name="y")
 
     func = pack_param(_prim(merged_gemm, (heads, m, hd), (heads * hd, n)), 0, 2)
-    with TEXTURE:
-        scheduled, rule = apply_rules(func, TEXTURE, gpu_rules(frozenset(), texture=True))
-    assert rule == "TextureMatmul"
-    mod = LowerTextureAccess()(tvm.IRModule({"main": scheduled.with_attr("global_symbol",
-                                                                         "main")}))
-    ex = tvm.compile(mod, TEXTURE)
+    ex = _pipeline_kernel(func, "TextureMatmul")
     rng = np.random.default_rng(9)
     xv = rng.standard_normal((heads, m, hd)).astype(F32)
     wv = rng.standard_normal((heads * hd, n)).astype(F32)

@@ -304,6 +304,20 @@ def _models(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["model"] for r in rows))
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when matplotlib
+    is not installed: the benchmark scripts then write their tables without a plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
 def plot(doc: dict, path: Path) -> None:
     """Two panels: speedup over TVM's default per model, kernel launches per model."""
     import matplotlib
