@@ -31,23 +31,16 @@ ATTENTION_FAMILIES = ("local-attention", "global-attention", "hybrid", "llm", "d
 
 def _check_numerics(name: str) -> dict:
     """Compile the smartmem build for the CPU and compare it with ONNX Runtime."""
-    import numpy as np
     import onnx
     import tvm
 
-    from tvm_smartmem import frontend, numerics, targets, zoo
+    from tvm_smartmem import frontend, models, numerics, targets, zoo
     from tvm_smartmem.measure import LocalRunner
     from tvm_smartmem.pipeline import smartmem_pipeline
 
     proto = onnx.load(str(zoo.model_path(name)))
     mod, params = frontend.from_onnx(proto)
-    rng = np.random.default_rng(0)
-    inputs = {}
-    for sig in frontend.input_signature(mod):
-        if sig["dtype"].startswith("int"):  # token ids: small enough for every vocabulary
-            inputs[sig["name"]] = rng.integers(0, 1000, sig["shape"]).astype(sig["dtype"])
-        else:
-            inputs[sig["name"]] = rng.standard_normal(sig["shape"]).astype(sig["dtype"])
+    inputs = models.signature_inputs(frontend.input_signature(mod))
     ref = numerics.onnxruntime_reference(proto, inputs)
     llvm = targets.get("llvm")
     ex = tvm.compile(mod, llvm, relax_pipeline=smartmem_pipeline(llvm))

@@ -45,19 +45,12 @@ def kind_of(reason: str) -> str:
 
 
 def _check(proto, mod, params, ex) -> dict:
-    import numpy as np
     import tvm
 
-    from tvm_smartmem import frontend, numerics
+    from tvm_smartmem import frontend, models, numerics
     from tvm_smartmem.measure import LocalRunner
 
-    rng = np.random.default_rng(0)
-    inputs = {}
-    for sig in frontend.input_signature(mod):
-        if sig["dtype"].startswith("int"):
-            inputs[sig["name"]] = rng.integers(0, 1000, sig["shape"]).astype(sig["dtype"])
-        else:
-            inputs[sig["name"]] = rng.standard_normal(sig["shape"]).astype(sig["dtype"])
+    inputs = models.signature_inputs(frontend.input_signature(mod))
     ref = numerics.onnxruntime_reference(proto, inputs)
     before = dict(tvm.get_global_func("smartmem.opencl.allocator_stats")())
     outs = LocalRunner("opencl").outputs(ex, list(inputs.values()), params)

@@ -380,6 +380,19 @@ def get(name: str) -> onnx.ModelProto:
     return BUILTIN[name]()
 
 
+def signature_inputs(signature: list[dict], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a module's input signature (``frontend.input_signature``): token ids
+    in [0, 1000) -- small enough for every vocabulary of the zoo -- and normal floats."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for sig in signature:
+        if sig["dtype"].startswith("int"):
+            out[sig["name"]] = rng.integers(0, 1000, sig["shape"]).astype(sig["dtype"])
+        else:
+            out[sig["name"]] = rng.standard_normal(sig["shape"]).astype(sig["dtype"])
+    return out
+
+
 def random_inputs(model: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | None = None):
     """Random float32 / int64 inputs matching the model's declared inputs.
 

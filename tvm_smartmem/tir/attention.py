@@ -33,6 +33,9 @@ import dataclasses
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from .texture import LANES as TEXEL  # values per texel (RGBA); LANES here is a warp's
+from .texture import is_texture
+
 #: Threads along a row (one warp: the row statistics are warp reductions).
 LANES = 32
 #: Shared memory the scores and probabilities of one thread block may take, at most (less
@@ -228,14 +231,8 @@ class FusedAttention(dl.ScheduleRule):
         return sch
 
 
-#: Values per texel of an image (RGBA).
-TEXEL = 4
-
-
 def _writes_image(func: tirx.PrimFunc) -> bool:
     """Is the kernel's output a texture (``PackActivationsToTexture`` placed it in an image)?"""
-    from .texture import is_texture
-
     return bool(func.params) and is_texture(func.params[-1])
 
 

@@ -59,11 +59,18 @@ def with_buffer_scope(func: tirx.PrimFunc, index: int, scope: str) -> tirx.PrimF
     return tvm_ffi.structural_map(func, (ir.Var, lambda v: new if v.same_as(old) else v))
 
 
+def image_limits(target: Target | None) -> tuple[int, int]:
+    """(largest image width / height, largest array depth) on ``target`` (16384 and 2048 when
+    it does not say)."""
+    attrs = target.attrs if target is not None else {}
+    spatial = int(attrs["texture_spatial_limit"]) if "texture_spatial_limit" in attrs else 16384
+    depth = int(attrs["texture_depth_limit"]) if "texture_depth_limit" in attrs else 2048
+    return spatial, depth
+
+
 def texture_limit(target: Target | None) -> int:
     """The largest image width / height the target allows (16384 when it does not say)."""
-    if target is not None and "texture_spatial_limit" in target.attrs:
-        return int(target.attrs["texture_spatial_limit"])
-    return 16384
+    return image_limits(target)[0]
 
 
 POLICY_ENV = "TVM_SMARTMEM_TEXTURE_WEIGHTS"

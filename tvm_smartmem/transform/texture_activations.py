@@ -58,9 +58,12 @@ from tvm import relax, s_tir, tirx
 from tvm.target import Target
 
 from ..analysis.classify import prim_blocks
+from ..analysis.stats import tensor_bytes
 from ..errors import SmartMemError
 from ..tir.texture import LANES, image_extent, lower_texture_access
+from .math_rewrite import shape_of
 from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
+from .texture import image_limits
 
 ACTIVATIONS_ATTR = "smartmem.texture_activations"
 SCOPE = "global.texture"
@@ -212,14 +215,6 @@ def policy_reason(target: Target | None, policy: str | None = None) -> str | Non
                    f"({e.get('activations_measured')})"))
 
 
-def image_limits(target: Target | None) -> tuple[int, int]:
-    """(largest width / height, largest array depth) of an image on ``target``."""
-    attrs = target.attrs if target is not None else {}
-    spatial = int(attrs["texture_spatial_limit"]) if "texture_spatial_limit" in attrs else 16384
-    depth = int(attrs["texture_depth_limit"]) if "texture_depth_limit" in attrs else 2048
-    return spatial, depth
-
-
 def extent_reason(shape: list[int], limits: tuple[int, int]) -> str | None:
     width, height, depth = image_extent(shape, SCOPE)
     spatial, max_depth = limits
@@ -236,15 +231,6 @@ def _call_tir(value) -> bool:
     return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and \
         value.op.name == "relax.call_tir" and isinstance(value.args[1], relax.Tuple) and \
         len(value.args) == 2
-
-
-def _static(ty) -> list[int] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
-        return None
-    return [int(d.value) for d in dims]
 
 
 @dataclasses.dataclass
@@ -290,7 +276,7 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
     lanes: dict[str, int] = {}  # placed tensor -> its lane axis
     for i in sites:
         var = block.bindings[i].var
-        shape = _static(var.ty)
+        shape = list(shape_of(var) or ())
         if not shape or not block.users[i] or var in block.output_vars:
             continue  # dynamic, a scalar, dead or a graph output: not an intermediate tensor
         if str(var.ty.dtype) not in _DTYPES:
@@ -304,7 +290,7 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
             readers += [(u, k) for k, a in enumerate(value.args[1].fields) if a.same_as(var)]
         if not readers:
             record["kept"][var.name] = "read by something other than a kernel"
-            record["kept_bytes"] += _bytes(shape, str(var.ty.dtype))
+            record["kept_bytes"] += tensor_bytes(var.ty)
             continue
         reason = not_worth_it
         lane = None
@@ -313,7 +299,7 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
             candidates, reason = lane_axes(uses, shape)
             if reason and "copies" in reason:
                 copies = len({max(u.pure) for u in uses if u.pure})
-                record["copy_bytes"] += (copies - 1) * _bytes(shape, str(var.ty.dtype))
+                record["copy_bytes"] += (copies - 1) * tensor_bytes(var.ty)
             failures = []
             for axis in candidates:
                 why = extent_reason(packed_shape(shape, axis), limits) or \
@@ -327,21 +313,14 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
                                         if len(candidates) > 1 else "")
         if reason is not None:
             record["kept"][var.name] = reason
-            record["kept_bytes"] += _bytes(shape, str(var.ty.dtype))
+            record["kept_bytes"] += tensor_bytes(var.ty)
             log.info("activation %s stays in a buffer: %s", var.name, reason)
             continue
         width, height, depth = image_extent(packed_shape(shape, lane), SCOPE)
         record["images"][var.name] = f"{width}x{height}x{depth}"
-        record["image_bytes"] += _bytes(shape, str(var.ty.dtype))
+        record["image_bytes"] += tensor_bytes(var.ty)
         lanes[var.name] = lane
     return _rewrite(mod, func_name, block, sites, lanes, record)
-
-
-def _bytes(shape: list[int], dtype: str) -> int:
-    n = tvm.DataType(dtype).bits // 8
-    for d in shape:
-        n *= d
-    return n
 
 
 def _try_place(sites: dict, producer: int, readers: list, lane: int, target: Target,
@@ -384,7 +363,8 @@ def _rewrite(mod: tvm.IRModule, func_name: str, block: Block, sites: dict, lanes
                                  f"{old.name_hint}_texture")
                 ty = b.var.ty
                 if b.var.name in lanes:
-                    ty = relax.TensorType(packed_shape(_static(ty), lanes[b.var.name]), ty.dtype)
+                    ty = relax.TensorType(packed_shape(list(shape_of(b.var)), lanes[b.var.name]),
+                                          ty.dtype)
                 if isinstance(ty, relax.TupleType):  # a kernel with several outputs
                     ty = list(ty.fields)
                 value = relax.call_tir(gv, value.args[1], ty)
