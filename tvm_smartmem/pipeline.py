@@ -12,6 +12,7 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
                         CombineParallelMatmuls,
                         SelectLayouts (weights; PackWeightsToTexture on texture targets),
                         LiftWeightTransforms (-> main_transform_params, run once at load),
+                        SplitKMatmul (GPU targets with a measured split policy),
                         ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
     layout              EliminateLayoutTransforms                     (decisions as attributes)
@@ -82,6 +83,7 @@ def graph_passes(target: Target, smartmem: bool = True,
     from .transform.recognise_norm import RecogniseNormalization
     from .transform.recognise_roll import RecogniseRoll
     from .transform.select_layout import SelectLayouts
+    from .transform.split_k import SplitKMatmul
     from .transform.split_to_slices import SplitToSlices
 
     # batch_norm in inference is a per-channel affine map; decomposed, it has one output and
@@ -103,6 +105,7 @@ def graph_passes(target: Target, smartmem: bool = True,
              ("MathPropertyRewrite", MathPropertyRewrite), ("RecogniseRoll", RecogniseRoll),
              ("CombineParallelMatmuls", CombineParallelMatmuls), relayout,
              ("LiftWeightTransforms", LiftWeightTransforms),
+             ("SplitKMatmul", lambda: SplitKMatmul(target)),
              ("ClassifyOperators", ClassifyOperators), ("SplitToSlices", SplitToSlices)]
     return [relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(), *_enabled(named, disable)]
@@ -193,7 +196,7 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
                    "TunedMatmul", "LongRowReduction", "FusedAttention",
-                   "PackActivationsToTexture")
+                   "PackActivationsToTexture", "SplitKMatmul")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -207,7 +210,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
-    "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention"),
+    "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one

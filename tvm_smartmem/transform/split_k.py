@@ -1,0 +1,178 @@
+"""SplitKMatmul: a GEMM with too few output tiles to fill the GPU is split along its reduction.
+
+A transformer at batch 1 multiplies a few hundred tokens by its weights: BERT's FFN down
+projection is ``[128, 3072] x [3072, 768]``.  The GEMM schedule (``TunedMatmul``) gives each
+thread block a 32 x 64 output tile, so that product runs as 48 blocks on a GPU with 132
+multiprocessors, each block walking all 3072 reduction steps alone.  Splitting the reduction
+into ``S`` chunks makes ``S`` times as many blocks, each ``S`` times shorter::
+
+    y = x @ w                                  x: [.., M, K], w: [K, N]
+    ->  p = permute(reshape(x, [M, S, K/S]))   @ reshape(w, [S, K/S, N])     p: [S, M, N]
+        y = reshape(p[0] + p[1] + ... + p[S-1], [.., M, N])
+
+The reshapes and the permutation are pure index maps that ``EliminateLayoutTransforms`` folds
+into the batched GEMM's reads (no kernel moves data), and the sum of the partial products is an
+element-wise expression that fuses with whatever follows the GEMM (bias, activation, residual,
+or as the prologue of the next kernel).  Only the rounding order of the reduction changes.
+
+Whether a split pays is a property of the device, so the factor comes from the measured table
+(``tir/matmul_configs.json``, key ``split_k`` of the target's entry, written by
+``benchmarks/split_k_sweep.py``): the smallest factor that gives the GEMM ``min_blocks`` thread
+blocks (or the largest there is), each chunk at least ``min_chunk`` long and a whole number of
+reduction steps.  A target
+without a measured entry is left alone.  ``TVM_SMARTMEM_SPLIT_K=off`` disables the pass and an
+integer forces that factor wherever it divides the reduction (the sweep uses it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.target import Target
+
+from ..tir.matmul import load_table, target_key
+
+ENV = "TVM_SMARTMEM_SPLIT_K"
+FACTORS = (2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """When to split: ``tile`` (rows, columns) of one thread block's output, the reduction step
+    ``step`` a chunk must be a multiple of, the blocks a GEMM should reach (``min_blocks``), the
+    shortest chunk worth a block (``min_chunk``); ``force`` overrides the choice."""
+
+    tile: tuple[int, int]
+    step: int
+    min_blocks: int
+    min_chunk: int
+    force: int | None = None
+
+    def factor(self, m: int, n: int, k: int) -> int:
+        """The split factor of an ``[m, k] x [k, n]`` GEMM (1: leave it whole)."""
+        if self.force is not None:
+            s = self.force
+            return s if s > 1 and k % (s * self.step) == 0 else 1
+        blocks = math.ceil(m / self.tile[0]) * math.ceil(n / self.tile[1])
+        if blocks >= self.min_blocks:
+            return 1
+        best = 1
+        for s in FACTORS:  # the smallest that reaches min_blocks, else the largest allowed
+            if k % (s * self.step) or k // s < self.min_chunk:
+                break
+            best = s
+            if blocks * s >= self.min_blocks:
+                break
+        return best
+
+
+def gemm_tile(target: Target, table: str | None = None) -> tuple[tuple[int, int], int] | None:
+    """(rows, columns) of one thread block's output tile and the reduction step of the
+    target's measured GEMM configuration; None for a target without one."""
+    key = target_key(target)
+    config = (load_table(table).get(key, {}) if key else {}).get("config")
+    if config is None:
+        return None
+    tile = (config["block_size_x"] * config["micro_size_x"] * config.get("vthread_x", 1),
+            config["block_size_y"] * config["micro_size_y"] * config.get("vthread_y", 1))
+    return (tile[::-1] if config.get("inner_x") else tile), config["micro_size_k"]
+
+
+def policy_for(target: Target, table: str | None = None) -> SplitPolicy | None:
+    """The target's split policy from the measured table (None: do not split)."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("off", "0", "1", "no"):
+        return None
+    geometry = gemm_tile(target, table)
+    if geometry is None:
+        return None
+    tile, step = geometry
+    if setting:
+        if not setting.isdigit():
+            raise ValueError(f"{ENV}={setting!r}: expected 'off' or a split factor")
+        return SplitPolicy(tile, step, 0, 0, force=int(setting))
+    key = target_key(target)
+    split = load_table(table).get(key, {}).get("split_k")
+    if not split:
+        return None
+    return SplitPolicy(tile, step, int(split["min_blocks"]), int(split["min_chunk"]))
+
+
+def _static(ty) -> list[int] | None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    values = getattr(ty.shape, "values", None)
+    if values is None or any(not isinstance(d, tvm.tirx.IntImm) for d in values):
+        return None
+    return [int(d.value) for d in values]
+
+
+def split_matmul(x: relax.Expr, w: relax.Expr, s: int, out_dtype: str) -> relax.Expr:
+    """``x @ w`` as ``s`` partial products over chunks of the reduction, summed."""
+    xs, (k, n) = _static(x.ty), _static(w.ty)
+    lead, k_chunk = xs[:-1], k // s
+    m = math.prod(lead)
+    op = relax.op
+    a = op.permute_dims(op.reshape(x, [m, s, k_chunk]), [1, 0, 2])
+    b = op.reshape(w, [s, k_chunk, n])
+    partial = op.matmul(a, b, out_dtype=out_dtype)
+    total = None
+    for i in range(s):
+        part = op.reshape(op.strided_slice(partial, axes=[0], begin=[i], end=[i + 1]),
+                          [*lead, n])
+        total = part if total is None else op.add(total, part)
+    return total
+
+
+@mutator
+class _Splitter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, policy: SplitPolicy):
+        super().__init__(mod)
+        self.policy = policy
+        self.split: list[tuple[int, int, int, int]] = []
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+            return call
+        x, w = call.args
+        xs, ws = _static(x.ty), _static(w.ty)
+        if xs is None or ws is None or len(ws) != 2 or len(xs) < 2 or xs[-1] != ws[0]:
+            return call
+        m, (k, n) = math.prod(xs[:-1]), ws
+        s = self.policy.factor(m, n, k)
+        if s == 1:
+            return call
+        dtype = str(call.ty.dtype)  # the product's dtype, whatever out_dtype said
+        self.split.append((m, n, k, s))
+        return split_matmul(x, w, s, dtype)
+
+
+def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass:
+    """Split the reduction of GEMMs (2-D right operand) that leave the GPU idle (module doc).
+    The GEMMs split are recorded as the module attribute ``smartmem.split_k``
+    (``[m, n, k, factor]`` each)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SplitKMatmul")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        policy = policy_for(target, table)
+        if policy is None:
+            return mod
+        out = mod.clone()
+        done: list[list[int]] = []
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                splitter = _Splitter(mod, policy)
+                out[gv] = splitter.visit_expr(func)
+                done += [list(r) for r in splitter.split]
+        if not done:
+            return mod
+        out = relax.transform.Normalize()(out)
+        return out.with_attr("smartmem.split_k", done)
+
+    return _pass
