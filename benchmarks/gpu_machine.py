@@ -281,7 +281,9 @@ def _measure_stage2(args: argparse.Namespace) -> None:
     }
     print(f"cuda: {results['machine']['cuda_device']}; opencl: {info.get('platform')} "
           f"{[d['name'] for d in info.get('devices', [])]} {info.get('error', '')}", flush=True)
-    names = list(manifest["models"])
+    names = [n for n in manifest["models"] if not args.only or n == args.only]
+    if args.peers_only:
+        names = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -335,9 +337,9 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                      if "median_ms" in row else row.get("error", "")), flush=True)
         results["models"][name] = model_out
         save()
-    if args.peers:
+    if args.peers_only:
         results["peers"] = {}
-        _torch_peers(names, args, results["peers"], save)
+        _torch_peers(list(manifest["models"]), args, results["peers"], save)
     save()
     print(f"wrote {out / 'gpu_results.json'}")
 
@@ -405,11 +407,42 @@ def relaunch_stage2(script: str, args: argparse.Namespace, extra: list[str] = ()
 
 
 def measure(args: argparse.Namespace) -> None:
+    """Each model in a process of its own (a kernel that breaks the OpenCL context -- a failed
+    build, an out-of-bounds write -- then costs that model's remaining builds, not the run's),
+    the PyTorch peers in one more; the parts are merged into ``gpu_results.json`` after each."""
     if args.stage2:
         _measure_stage2(args)
         return
-    relaunch_stage2(__file__, args, ["--warmup", str(args.warmup), "--profile", args.profile]
-                    + (["--peers"] if args.peers else []))
+    import tempfile
+
+    bundle = Path(args.bundle).resolve()
+    env = _setup_runtime(bundle, Path(args.site))
+    names = list(json.loads((bundle / "manifest.json").read_text())["models"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = Path(tempfile.mkdtemp(prefix="gpu_parts_"))  # $OUT takes few files, few levels
+    merged: dict = {}
+    jobs = [["--only", n] for n in names] + ([["--peers-only"]] if args.peers else [])
+    for job in jobs:
+        part = parts / job[-1]
+        cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
+               "--out", str(part), "--repeat", str(args.repeat), "--number", str(args.number),
+               "--warmup", str(args.warmup), "--profile", args.profile, *job]
+        rc = subprocess.run(cmd, env=env).returncode
+        got = part / "gpu_results.json"
+        if not got.exists():
+            merged.setdefault("models", {})[job[-1]] = {
+                "error": f"measuring process exited with {rc} before writing results",
+                "builds": {}}
+        else:
+            data = json.loads(got.read_text())
+            for key, value in data.items():
+                if key in ("models", "peers"):
+                    merged.setdefault(key, {}).update(value)
+                else:
+                    merged.setdefault(key, value)
+        (out / "gpu_results.json").write_text(json.dumps(merged, indent=2))
+    print(f"wrote {out / 'gpu_results.json'}")
 
 
 # =============================================================================================
@@ -587,6 +620,8 @@ def main() -> None:
     m.add_argument("--peers", action="store_true", help="also PyTorch eager / torch.compile")
     m.add_argument("--profile", default="", help="models to time kernel by kernel too")
     m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
+    m.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage 2: one model
+    m.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(func=measure)
     r = sub.add_parser("report", help="tables and plot from gpu_results.json (CPU machine)")
     r.add_argument("--results", required=True)

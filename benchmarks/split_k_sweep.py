@@ -105,6 +105,7 @@ def prepare(args: argparse.Namespace) -> None:
 def _measure_stage2(args: argparse.Namespace) -> None:
     import numpy as np
     import tvm
+    from tvm.runtime.vm import VirtualMachine
     from tvm_ffi.libinfo import load_lib_ctypes
 
     from tvm_smartmem import numerics
@@ -134,8 +135,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
     for target_name, entry in manifest["libraries"].items():
         dev = tvm.cuda(0) if target_name == "cuda" else tvm.opencl(0)
         t0 = time.perf_counter()
-        vm = tvm.relax.VirtualMachine(tvm.runtime.load_module(
-            str(models_dir / entry["library"])), dev)
+        vm = VirtualMachine(tvm.runtime.load_module(str(models_dir / entry["library"])), dev)
         times = results["times"].setdefault(target_name, {})
         print(f"{target_name}: loaded in {time.perf_counter() - t0:.0f} s", flush=True)
         for fname in entry["functions"]:

@@ -98,7 +98,8 @@ def test_stage_selection():
     assert "FusePlan" not in only_stages("layout")  # layout decisions need the planner
     assert only_stages("fusion+layout+tir+rewrite+weights") == ("TunedMatmul",
                                                                  "LongRowReduction",
-                                                                 "FusedAttention")
+                                                                 "FusedAttention",
+                                                                 "SplitKMatmul")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")

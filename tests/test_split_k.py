@@ -182,7 +182,8 @@ def test_split_gemms_match_numpy_on_opencl(monkeypatch, epilogue, lead, factor, 
     assert_matches(out, [_reference(x, w, b, epilogue).astype("float32")])
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 70), chunks=st.integers(1, 6), n=st.integers(1, 80),
        factor=st.sampled_from([2, 4, 8]))
 def test_random_split_gemms_match_numpy(monkeypatch, m, chunks, n, factor):

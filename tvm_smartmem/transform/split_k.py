@@ -166,7 +166,8 @@ def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass
         out = mod.clone()
         done: list[list[int]] = []
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
+            # the load-time weight function runs once: its products are not worth a split
+            if isinstance(func, relax.Function) and not gv.name_hint.endswith("transform_params"):
                 splitter = _Splitter(mod, policy)
                 out[gv] = splitter.visit_expr(func)
                 done += [list(r) for r in splitter.split]
