@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gzip
 import json
 import re
 import shutil
@@ -69,7 +70,8 @@ def prepare(args: argparse.Namespace) -> None:
             kernels = {}
             for src in _opencl_sources(ex):
                 kernels.update(split_kernels(src))
-            (out / f"{name}-{target_name}.json").write_text(json.dumps(kernels))
+            with gzip.open(out / f"{name}-{target_name}.json.gz", "wt") as f:
+                json.dump(kernels, f)
             print(f"{name} {target_name}: {len(kernels)} kernels", flush=True)
 
 
@@ -86,27 +88,37 @@ def _variants(src: str) -> dict[str, str]:
 
 
 class _CL:
+    """The few OpenCL calls a build needs, through ctypes with their real signatures."""
+
     def __init__(self, lib: str = "libOpenCL.so.1"):
-        cl = self.cl = ctypes.CDLL(lib)
-        n = ctypes.c_uint()
+        vp, u, i, sz = ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_size_t
+        cl = self.cl = ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        cl.clGetPlatformIDs.argtypes = [u, ctypes.POINTER(vp), ctypes.POINTER(u)]
+        cl.clGetDeviceIDs.argtypes = [vp, ctypes.c_uint64, u, ctypes.POINTER(vp),
+                                      ctypes.POINTER(u)]
+        cl.clCreateContext.argtypes = [vp, u, ctypes.POINTER(vp), vp, vp, ctypes.POINTER(i)]
+        cl.clCreateContext.restype = vp
+        cl.clCreateProgramWithSource.argtypes = [vp, u, ctypes.POINTER(ctypes.c_char_p),
+                                                 ctypes.POINTER(sz), ctypes.POINTER(i)]
+        cl.clCreateProgramWithSource.restype = vp
+        cl.clBuildProgram.argtypes = [vp, u, ctypes.POINTER(vp), ctypes.c_char_p, vp, vp]
+        cl.clGetProgramBuildInfo.argtypes = [vp, vp, u, sz, vp, ctypes.POINTER(sz)]
+        cl.clReleaseProgram.argtypes = [vp]
+        n = u()
         cl.clGetPlatformIDs(0, None, ctypes.byref(n))
-        plats = (ctypes.c_void_p * n.value)()
+        plats = (vp * n.value)()
         cl.clGetPlatformIDs(n.value, plats, None)
-        dev = ctypes.c_void_p()
-        cl.clGetDeviceIDs(ctypes.c_void_p(plats[0]), ctypes.c_ulong(1 << 2), 1,
-                          ctypes.byref(dev), None)  # CL_DEVICE_TYPE_GPU
-        self.dev = dev
-        err = ctypes.c_int()
-        cl.clCreateContext.restype = ctypes.c_void_p
-        self.ctx = ctypes.c_void_p(cl.clCreateContext(None, 1, ctypes.byref(dev), None, None,
-                                                      ctypes.byref(err)))
-        cl.clCreateProgramWithSource.restype = ctypes.c_void_p
+        self.dev = vp()
+        cl.clGetDeviceIDs(plats[0], 0xFFFFFFFF, 1, ctypes.byref(self.dev), None)  # ALL
+        err = i()
+        self.ctx = cl.clCreateContext(None, 1, ctypes.byref(self.dev), None, None,
+                                      ctypes.byref(err))
 
     def build(self, src: str, options: str = "") -> tuple[int, str]:
         cl, err = self.cl, ctypes.c_int()
         data = ctypes.c_char_p(src.encode())
-        prog = ctypes.c_void_p(cl.clCreateProgramWithSource(
-            self.ctx, 1, ctypes.byref(data), None, ctypes.byref(err)))
+        prog = cl.clCreateProgramWithSource(self.ctx, 1, ctypes.byref(data), None,
+                                            ctypes.byref(err))
         rc = cl.clBuildProgram(prog, 1, ctypes.byref(self.dev), options.encode(), None, None)
         size = ctypes.c_size_t()
         cl.clGetProgramBuildInfo(prog, self.dev, 0x1183, 0, None, ctypes.byref(size))
@@ -119,8 +131,9 @@ class _CL:
 def check(args: argparse.Namespace) -> None:
     cl = _CL(args.lib)
     results = {}
-    for path in sorted(Path(args.sources).glob("*.json")):
-        kernels = json.loads(path.read_text())
+    for path in sorted(Path(args.sources).glob("*.json.gz")):
+        with gzip.open(path, "rt") as f:
+            kernels = json.load(f)
         failed = {}
         for name, src in kernels.items():
             rc, log = cl.build(src)
@@ -131,9 +144,10 @@ def check(args: argparse.Namespace) -> None:
                 entry["variants"][tag] = cl.build(variant)[0]
             entry["variants"]["cl-opt-disable"] = cl.build(src, "-cl-opt-disable")[0]
             failed[name] = entry
-            (Path(args.out) / f"{path.stem}__{name[:80]}.cl").write_text(src)
-        results[path.stem] = {"kernels": len(kernels), "failed": failed}
-        print(f"{path.stem}: {len(kernels)} kernels, {len(failed)} fail to build "
+            if len(list(Path(args.out).glob("*.cl"))) < 4:  # $OUT takes a few files
+                (Path(args.out) / f"{name[:80]}.cl").write_text(src)
+        results[path.name] = {"kernels": len(kernels), "failed": failed}
+        print(f"{path.name}: {len(kernels)} kernels, {len(failed)} fail to build "
               + json.dumps({k: v["variants"] for k, v in failed.items()}), flush=True)
     Path(args.out, "opencl_build_check.json").write_text(json.dumps(results, indent=1))
 
