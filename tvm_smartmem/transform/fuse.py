@@ -453,9 +453,8 @@ REUSE_LIMIT = 4
 
 
 def operand_reuse(func) -> float:
-    """Iterations of ``func``'s reduction blocks per element of its largest-read input (its
-    parameters, not the buffers it computes): 1 for a row reduction, ``n`` for a matmul operand
-    (``m * n * k`` iterations over ``m * k``)."""
+    """Iterations of ``func``'s reduction blocks per element of its largest-read input: 1 for
+    a row reduction, ``n`` for a matmul operand (``m * n * k`` iterations over ``m * k``)."""
     from tvm import tirx
 
     if not isinstance(func, tirx.PrimFunc):
@@ -474,13 +473,8 @@ def operand_reuse(func) -> float:
             return float("inf")
         iterations = float(np.prod([int(e.value) for e in extents]))
         for region in block.reads:
-            # only the kernel's inputs take an inlined prologue; a buffer the kernel computes
-            # itself (layernorm's row mean, broadcast over the row) is read from its own
-            # result however often, and counting it made every normalisation look like a matmul
-            if region.source.name not in sizes:
-                continue
-            size = sizes[region.source.name]
-            if size is None:  # a dynamic input: what this block reads of it
+            size = sizes.get(region.source.name)
+            if size is None:
                 size = max(1, int(np.prod([int(r.extent.value) if isinstance(
                     r.extent, tirx.IntImm) else 1 for r in region.region])))
             worst = max(worst, iterations / size)
