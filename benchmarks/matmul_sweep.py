@@ -127,19 +127,19 @@ def prepare(args: argparse.Namespace) -> None:
     gm.finish_bundle(bundle, manifest)
 
 
-def _measure_stage2(args: argparse.Namespace) -> None:
+def sweep_session(args: argparse.Namespace) -> tuple[dict, Path, Path, dict]:
+    """Stage 2 of a sweep on the GPU machine (this one, ``split_k_sweep.py``): the manifest,
+    the unpacked libraries' folder, the output folder, and the results record to fill -- with
+    CUDA's runtime (nvcc for its kernels) and the project's OpenCL runtime loaded."""
     import os
 
-    import numpy as np
     import tvm
     from tvm_ffi.libinfo import load_lib_ctypes
 
-    from tvm_smartmem import numerics
     from tvm_smartmem.runtime import opencl
 
-    bundle = Path(args.bundle)
     models_dir = Path(os.environ["SMARTMEM_BUNDLE_MODELS"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
     load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_GLOBAL",
                     extra_lib_paths=[Path(tvm.__file__).resolve().parent / "lib"])
     gm._register_cuda_compiler()
@@ -150,6 +150,16 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                "machine": {"host": platform.node(), "cuda_device": tvm.cuda(0).device_name,
                            "opencl": opencl.describe().get("platform")},
                "protocol": {"repeat": args.repeat, "number": args.number}, "times": {}}
+    return manifest, models_dir, out, results
+
+
+def _measure_stage2(args: argparse.Namespace) -> None:
+    import numpy as np
+    import tvm
+
+    from tvm_smartmem import numerics
+
+    manifest, models_dir, out, results = sweep_session(args)
     shapes = {s["name"]: s for s in manifest["shapes"]}
     rng = np.random.default_rng(0)
     data = {n: (rng.standard_normal(s["a"]).astype("float32"),

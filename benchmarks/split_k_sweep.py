@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -106,24 +105,10 @@ def _measure_stage2(args: argparse.Namespace) -> None:
     import numpy as np
     import tvm
     from tvm.runtime.vm import VirtualMachine
-    from tvm_ffi.libinfo import load_lib_ctypes
 
     from tvm_smartmem import numerics
-    from tvm_smartmem.runtime import opencl
 
-    bundle = Path(args.bundle)
-    models_dir = Path(os.environ["SMARTMEM_BUNDLE_MODELS"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_GLOBAL",
-                    extra_lib_paths=[Path(tvm.__file__).resolve().parent / "lib"])
-    gm._register_cuda_compiler()
-    opencl.load()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {"manifest": {k: v for k, v in manifest.items() if k != "libraries"},
-               "machine": {"host": platform.node(), "cuda_device": tvm.cuda(0).device_name,
-                           "opencl": opencl.describe().get("platform")},
-               "protocol": {"repeat": args.repeat, "number": args.number}, "times": {}}
+    manifest, models_dir, out, results = ms.sweep_session(args)
     rng = np.random.default_rng(0)
     data = {}
     for s in manifest["shapes"]:

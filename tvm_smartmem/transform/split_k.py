@@ -36,6 +36,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.target import Target
 
 from ..tir.matmul import load_table, target_key
+from .math_rewrite import shape_of
 
 ENV = "TVM_SMARTMEM_SPLIT_K"
 FACTORS = (2, 4, 8, 16)
@@ -103,18 +104,9 @@ def policy_for(target: Target, table: str | None = None) -> SplitPolicy | None:
     return SplitPolicy(tile, step, int(split["min_blocks"]), int(split["min_chunk"]))
 
 
-def _static(ty) -> list[int] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    values = getattr(ty.shape, "values", None)
-    if values is None or any(not isinstance(d, tvm.tirx.IntImm) for d in values):
-        return None
-    return [int(d.value) for d in values]
-
-
 def split_matmul(x: relax.Expr, w: relax.Expr, s: int, out_dtype: str) -> relax.Expr:
     """``x @ w`` as ``s`` partial products over chunks of the reduction, summed."""
-    xs, (k, n) = _static(x.ty), _static(w.ty)
+    xs, (k, n) = list(shape_of(x)), shape_of(w)
     lead, k_chunk = xs[:-1], k // s
     m = math.prod(lead)
     op = relax.op
@@ -141,7 +133,7 @@ class _Splitter(PyExprMutator):
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
             return call
         x, w = call.args
-        xs, ws = _static(x.ty), _static(w.ty)
+        xs, ws = shape_of(x), shape_of(w)
         if xs is None or ws is None or len(ws) != 2 or len(xs) < 2 or xs[-1] != ws[0]:
             return call
         m, (k, n) = math.prod(xs[:-1]), ws
