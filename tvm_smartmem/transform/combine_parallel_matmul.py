@@ -38,6 +38,7 @@ from .math_rewrite import op_of, scalar_value, shape_of
 from .partition import (
     Block,
     bind_like,
+    for_each_function,
     function_attrs,
     is_single_block,
     rebuild_function,
@@ -218,13 +219,13 @@ def combined_of(func: relax.Function) -> int:
     return _combined_before(func)
 
 
-def CombineParallelMatmuls(func_name: str = "main") -> tvm.transform.Pass:
-    """Horizontal fusion of sibling projections by weights (see the module docstring)."""
+def CombineParallelMatmuls(func_name: str | None = None) -> tvm.transform.Pass:
+    """Horizontal fusion of sibling projections by weights (see the module docstring), in
+    every graph function (or ``func_name`` alone)."""
 
     @tvm.transform.module_pass(opt_level=0, name="CombineParallelMatmuls")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
-        return relax.transform.DeadCodeElimination()(combine_function(mod, func_name))
+        return for_each_function(mod, func_name, lambda m, name: relax.transform.
+                                 DeadCodeElimination()(combine_function(m, name)))
 
     return _pass

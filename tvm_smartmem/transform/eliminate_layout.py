@@ -41,7 +41,7 @@ from tvm import relax, tirx
 
 from ..analysis.classify import MappingType
 from ..analysis.ecg import ECG, Node, build_ecg
-from .partition import Block, replace_function, substitute
+from .partition import Block, for_each_function, replace_function, substitute
 
 PLAN_ATTR = "smartmem.layout_plan"
 CONSUMER, PRODUCER, KEEP = "consumer", "producer", "keep"
@@ -359,35 +359,39 @@ def unique_names(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
     return replace_function(bb.get(), tmp, func_name, attrs, mod)
 
 
-def EliminateLayoutTransforms(func_name: str = "main") -> tvm.transform.Pass:
-    """Decide, for every layout-fixed operator, which neighbour absorbs it (see module doc)."""
+def EliminateLayoutTransforms(func_name: str | None = None) -> tvm.transform.Pass:
+    """Decide, for every layout-fixed operator, which neighbour absorbs it (see module doc),
+    in every graph function (or ``func_name`` alone)."""
 
     @tvm.transform.module_pass(opt_level=0, name="EliminateLayoutTransforms")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
-        func = mod[func_name]
-        if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
-                                                        relax.DataflowBlock):
-            return mod  # not a single dataflow block: nothing we understand
-        mod = duplicate_per_consumer(unique_names(mod, func_name), func_name)
-        func = mod[func_name]
-        decisions = plan(build_ecg(func, mod), mod)
-        ecg = build_ecg(func, mod)
-        views = _reshape_views(ecg, decisions)
-        for members in views.values():
-            for name in members[1]:  # reshapes glued into a view are not folded anywhere
-                decisions[name] = KEEP
-        folded = {name for name, d in decisions.items() if d in (CONSUMER, PRODUCER)}
-        sources = {name: src for name, (src, _) in views.items()}
-        out = _tag_for_folding(mod, func_name, folded, sources) if folded or views \
-            else mod.clone()
-        if views:
-            out = relax.transform.DeadCodeElimination()(out)
-        out[func_name] = out[func_name].with_attr(PLAN_ATTR, decisions)
-        return out
+        return for_each_function(mod, func_name, eliminate_function)
 
     return _pass
+
+
+def eliminate_function(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
+    """``mod`` with ``func_name``'s layout-fixed operators planned and tagged for folding."""
+    func = mod[func_name]
+    if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
+                                                    relax.DataflowBlock):
+        return mod  # not a single dataflow block: nothing we understand
+    mod = duplicate_per_consumer(unique_names(mod, func_name), func_name)
+    func = mod[func_name]
+    decisions = plan(build_ecg(func, mod), mod)
+    ecg = build_ecg(func, mod)
+    views = _reshape_views(ecg, decisions)
+    for members in views.values():
+        for name in members[1]:  # reshapes glued into a view are not folded anywhere
+            decisions[name] = KEEP
+    folded = {name for name, d in decisions.items() if d in (CONSUMER, PRODUCER)}
+    sources = {name: src for name, (src, _) in views.items()}
+    out = _tag_for_folding(mod, func_name, folded, sources) if folded or views \
+        else mod.clone()
+    if views:
+        out = relax.transform.DeadCodeElimination()(out)
+    out[func_name] = out[func_name].with_attr(PLAN_ATTR, decisions)
+    return out
 
 
 def layout_plan(func: relax.Function) -> dict[str, str]:

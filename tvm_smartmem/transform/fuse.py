@@ -44,7 +44,7 @@ from ..analysis.classify import MappingType as M
 from ..analysis.classify import prim_blocks
 from ..analysis.ecg import ECG, Node, build_ecg
 from .eliminate_layout import CONSUMER, PRODUCER, layout_plan
-from .partition import fuse_groups
+from .partition import for_each_function, fuse_groups
 
 G, Y, R = "green", "yellow", "red"
 
@@ -497,14 +497,15 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
 
 
 def FusePlan(
-    target: tvm.target.Target | None = None, profile_db=None, func_name: str = "main",
+    target: tvm.target.Target | None = None, profile_db=None, func_name: str | None = None,
     attention: bool | None = None,
 ) -> tvm.transform.Pass:
     """DNNFusion's planner; replaces ``FuseOps`` in the smartmem pipeline (``FuseTIR`` follows).
 
     ``profile_db`` is a :class:`tvm_smartmem.cost.ProfileDB` (or a path to one) consulted for
     yellow decisions; without it the decisions come from the cost model / analytic estimate.
-    The decisions are recorded on ``main`` as ``smartmem.fusion_decisions``.  Attentions are
+    Every graph function is planned (or ``func_name`` alone); the decisions are recorded on
+    each as ``smartmem.fusion_decisions``.  Attentions are
     glued into one kernel on GPU targets unless ``attention=False`` (for schedules without the
     ``FusedAttention`` rule); ``attention=True`` forces it.
     """
@@ -512,23 +513,43 @@ def FusePlan(
 
     @tvm.transform.module_pass(opt_level=0, name="FusePlan")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
-        func = mod[func_name]
-        if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
-                                                        relax.DataflowBlock):
-            return relax.transform.FuseOps()(mod)  # control flow: leave it to TVM
         tgt = target or tvm.target.Target.current(allow_none=True)
-        planner = make_planner(func, mod, CostLayer.of(profile_db), tgt, attention)
-        ecg = planner.ecg
-        blocks = [g for g in planner.run() if len(g) > 1]
-        groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]
-        has_mtm = [any(ecg.nodes[i].mapping == M.MANY_TO_MANY for i in g) for g in blocks]
-        out = fuse_groups(mod, groups, func_name=func_name,
-                          attrs={PLANNER_ATTR: "dnnfusion"}, split_shared_inputs=has_mtm)
-        out[func_name] = out[func_name].with_attr(
-            DECISIONS_ATTR, [str(d) for d in planner.decisions]
-        )
-        return out
+        cost = CostLayer.of(profile_db)
+        return for_each_function(
+            mod, func_name, lambda m, name: plan_function(m, name, cost, tgt, attention))
 
     return _pass
+
+
+def _fuse_ops_on(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
+    """TVM's ``FuseOps`` on ``func_name`` alone: FuseOps rewrites every function of a module,
+    and the other graph functions are (or will be) fused by the planner."""
+    others = {gv.name_hint for gv, f in mod.functions_items()
+              if isinstance(f, relax.Function) and gv.name_hint != func_name
+              and not (f.attrs and "Primitive" in f.attrs)}
+    sub = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint not in others},
+                       attrs=mod.attrs)
+    out = relax.transform.FuseOps()(sub)
+    for gv, f in mod.functions_items():
+        if gv.name_hint in others:
+            out[gv] = f
+    return out
+
+
+def plan_function(mod: tvm.IRModule, func_name: str, cost, target, attention) -> tvm.IRModule:
+    """``mod`` with ``func_name``'s bindings fused by DNNFusion's planner (``FusePlan``)."""
+    func = mod[func_name]
+    if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
+                                                    relax.DataflowBlock):
+        return _fuse_ops_on(mod, func_name)  # control flow: leave it to TVM
+    planner = make_planner(func, mod, cost, target, attention)
+    ecg = planner.ecg
+    blocks = [g for g in planner.run() if len(g) > 1]
+    groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]
+    has_mtm = [any(ecg.nodes[i].mapping == M.MANY_TO_MANY for i in g) for g in blocks]
+    out = fuse_groups(mod, groups, func_name=func_name,
+                      attrs={PLANNER_ATTR: "dnnfusion"}, split_shared_inputs=has_mtm)
+    out[func_name] = out[func_name].with_attr(
+        DECISIONS_ATTR, [str(d) for d in planner.decisions]
+    )
+    return out

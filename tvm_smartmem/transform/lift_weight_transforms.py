@@ -23,7 +23,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-TRANSFORM_SUFFIX = "_transform_params"
+from .partition import TRANSFORM_SUFFIX, for_each_function
+
 LIFTED_ATTR = "smartmem.lifted_bindings"
 WEIGHT_BYTES_ATTR = "smartmem.weight_bytes"
 
@@ -57,37 +58,43 @@ def _flat_signature(func: relax.Function, names: list[str]) -> relax.Function:
         tvm.IRModule({"f": flat}))["f"]
 
 
-def LiftWeightTransforms(func_name: str = "main") -> tvm.transform.Pass:
-    """Lift weight-only bindings of ``func_name`` into ``<func_name>_transform_params``."""
+def LiftWeightTransforms(func_name: str | None = None) -> tvm.transform.Pass:
+    """Lift the weight-only bindings of each function with ``num_input`` (or of ``func_name``
+    alone) into ``<name>_transform_params``."""
 
     @tvm.transform.module_pass(opt_level=0, name="LiftWeightTransforms")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        names = [gv.name_hint for gv in mod.get_global_vars()]
-        if func_name not in names or func_name + TRANSFORM_SUFFIX in names:
-            return mod  # nothing to lift from, or lifted already
-        func = mod[func_name]
-        if not isinstance(func, relax.Function) or not func.attrs or \
-                "num_input" not in func.attrs:
-            return mod
-        # only this function: LiftTransformParams works on every function with num_input
-        single = tvm.IRModule({mod.get_global_var(func_name): func})
-        lifted = relax.transform.LiftTransformParams()(single)
-        transform = lifted.get_global_var(func_name + TRANSFORM_SUFFIX)
-        moved = _computed(lifted[transform])
-        out = mod.clone()
-        n_in = int(func.attrs["num_input"])
-        # weight memory before / after: copies (a weight kept as it is for one reader and
-        # re-laid for another) show up as growth
-        sizes = {"before": _weight_bytes(func.params[n_in:]),
-                 "after": _weight_bytes(lifted[func_name].params[n_in:])}
-        out[func_name] = lifted[func_name].with_attr(
-            LIFTED_ATTR, tvm.tirx.IntImm("int64", moved)).with_attr(
-            WEIGHT_BYTES_ATTR, {k: tvm.tirx.IntImm("int64", v) for k, v in sizes.items()})
-        names = [p.name for p in func.params[int(func.attrs["num_input"]):]]
-        out[transform] = _flat_signature(lifted[transform], names)
-        return out
+        return for_each_function(mod, func_name, lift_function)
 
     return _pass
+
+
+def lift_function(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
+    """``mod`` with ``func_name``'s weight-only bindings lifted (see the module doc)."""
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    if func_name + TRANSFORM_SUFFIX in names:
+        return mod  # lifted already
+    func = mod[func_name]
+    if not isinstance(func, relax.Function) or not func.attrs or \
+            "num_input" not in func.attrs:
+        return mod
+    # only this function: LiftTransformParams works on every function with num_input
+    single = tvm.IRModule({mod.get_global_var(func_name): func})
+    lifted = relax.transform.LiftTransformParams()(single)
+    transform = lifted.get_global_var(func_name + TRANSFORM_SUFFIX)
+    moved = _computed(lifted[transform])
+    out = mod.clone()
+    n_in = int(func.attrs["num_input"])
+    # weight memory before / after: copies (a weight kept as it is for one reader and
+    # re-laid for another) show up as growth
+    sizes = {"before": _weight_bytes(func.params[n_in:]),
+             "after": _weight_bytes(lifted[func_name].params[n_in:])}
+    out[func_name] = lifted[func_name].with_attr(
+        LIFTED_ATTR, tvm.tirx.IntImm("int64", moved)).with_attr(
+        WEIGHT_BYTES_ATTR, {k: tvm.tirx.IntImm("int64", v) for k, v in sizes.items()})
+    names = [p.name for p in func.params[int(func.attrs["num_input"]):]]
+    out[transform] = _flat_signature(lifted[transform], names)
+    return out
 
 
 def transform_function(mod_or_names, func_name: str = "main") -> str | None:

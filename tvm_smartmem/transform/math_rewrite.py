@@ -53,7 +53,14 @@ import tvm
 from tvm import relax, tirx
 
 from ..analysis.classify import OPAQUE, MappingType, classify_call
-from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
+from .partition import (
+    Block,
+    bind_like,
+    for_each_function,
+    is_single_block,
+    rebuild_function,
+    substitute,
+)
 
 REWRITES_ATTR = "smartmem.rewrites"
 FLOPS_ATTR = "smartmem.flops_removed"
@@ -606,14 +613,13 @@ def rewrite_function(mod: tvm.IRModule, func_name: str = "main", max_rounds: int
     return mod
 
 
-def MathPropertyRewrite(func_name: str = "main") -> tvm.transform.Pass:
-    """FLOP-reducing algebraic rewrites to a fixed point (see the module docstring)."""
+def MathPropertyRewrite(func_name: str | None = None) -> tvm.transform.Pass:
+    """FLOP-reducing algebraic rewrites to a fixed point (see the module docstring), in every
+    graph function (or ``func_name`` alone)."""
 
     @tvm.transform.module_pass(opt_level=0, name="MathPropertyRewrite")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
-        return rewrite_function(mod, func_name)
+        return for_each_function(mod, func_name, rewrite_function)
 
     return _pass
 

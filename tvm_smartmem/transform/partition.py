@@ -44,6 +44,37 @@ def substitute(expr: relax.Expr, mapping: dict) -> relax.Expr:
     return _Substitute(mapping).visit_expr(expr) if mapping else expr
 
 
+#: the load-time weight function ``LiftWeightTransforms`` writes for a function (runs once)
+TRANSFORM_SUFFIX = "_transform_params"
+
+
+def graph_functions(mod: tvm.IRModule, func_name: str | None = None) -> list[str]:
+    """The Relax functions a graph pass rewrites, in module order.
+
+    ``func_name`` alone when given (and present).  Otherwise every Relax function of the
+    module -- ``main``, but also an LLM's ``prefill`` / ``decode`` or any entry point a user
+    builds -- except fused kernels (``Primitive``), composites for an external codegen
+    (``Composite`` / ``Codegen``) and the load-time weight functions (``*_transform_params``),
+    which run once and are lowered as TVM lowers them.  The names are taken before the pass
+    runs: the functions a pass adds (fused kernels) are not visited again."""
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    if func_name is not None:
+        return [func_name] if func_name in names else []
+    skip = ("Primitive", "Composite", "Codegen")
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function)
+            and not (f.attrs and any(k in f.attrs for k in skip))
+            and not gv.name_hint.endswith(TRANSFORM_SUFFIX)]
+
+
+def for_each_function(mod: tvm.IRModule, func_name: str | None,
+                      rewrite: Callable[[tvm.IRModule, str], tvm.IRModule]) -> tvm.IRModule:
+    """``rewrite(mod, name)`` applied to each of :func:`graph_functions` in turn."""
+    for name in graph_functions(mod, func_name):
+        mod = rewrite(mod, name)
+    return mod
+
+
 def is_single_block(func: relax.Function) -> bool:
     """Whether ``func``'s body is one dataflow block: the only shape the graph passes analyse.
     Anything else (no block at all after a rewrite removed every binding, control flow) is

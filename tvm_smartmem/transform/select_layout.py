@@ -38,7 +38,14 @@ from tvm.target import Target
 from ..analysis.stats import tensor_bytes
 from .combine_parallel_matmul import weight_vars
 from .math_rewrite import shape_of
-from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
+from .partition import (
+    Block,
+    bind_like,
+    for_each_function,
+    is_single_block,
+    rebuild_function,
+    substitute,
+)
 
 SELECTION_ATTR = "smartmem.layout_selection"
 LAYOUTS = ("KN", "NK")
@@ -129,15 +136,15 @@ def layout_selection_of(func: relax.Function) -> dict:
 
 
 def SelectLayouts(target: Target | None = None, layout: str | None = None,
-                  func_name: str = "main") -> tvm.transform.Pass:
-    """Store every matmul weight in the layout measured best for ``target`` (or ``layout``)."""
+                  func_name: str | None = None) -> tvm.transform.Pass:
+    """Store every matmul weight in the layout measured best for ``target`` (or ``layout``),
+    in every graph function (or ``func_name`` alone)."""
 
     @tvm.transform.module_pass(opt_level=0, name="SelectLayouts")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
         tgt = target or Target.current(allow_none=True)
         chosen = layout or (weight_layout(tgt) if tgt is not None else "KN")
-        return select_function(mod, chosen, func_name)
+        return for_each_function(mod, func_name,
+                                 lambda m, name: select_function(m, chosen, name))
 
     return _pass

@@ -43,7 +43,14 @@ from ..analysis.stats import tensor_bytes
 from ..tir.texture import LANES, image_extent
 from .combine_parallel_matmul import weight_vars
 from .math_rewrite import shape_of
-from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
+from .partition import (
+    Block,
+    bind_like,
+    for_each_function,
+    is_single_block,
+    rebuild_function,
+    substitute,
+)
 
 TEXTURE_ATTR = "smartmem.texture_weights"
 SCOPE = "global.texture"
@@ -233,7 +240,7 @@ def texture_weights_of(func: relax.Function) -> dict:
             "kept": {str(k): str(v) for k, v in rec["kept"].items()}}
 
 
-def PackWeightsToTexture(target: Target | None = None, func_name: str = "main",
+def PackWeightsToTexture(target: Target | None = None, func_name: str | None = None,
                          policy: str | None = None) -> tvm.transform.Pass:
     """Pack matmul weights into RGBA images by their reduction dimension (see module doc);
     ``policy`` (``measured`` by default, or ``$TVM_SMARTMEM_TEXTURE_WEIGHTS``) decides whether
@@ -241,9 +248,8 @@ def PackWeightsToTexture(target: Target | None = None, func_name: str = "main",
 
     @tvm.transform.module_pass(opt_level=0, name="PackWeightsToTexture")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
-        return pack_function(mod, target or Target.current(allow_none=True), func_name,
-                             policy)
+        tgt = target or Target.current(allow_none=True)
+        return for_each_function(mod, func_name,
+                                 lambda m, name: pack_function(m, tgt, name, policy))
 
     return _pass

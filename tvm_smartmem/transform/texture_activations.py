@@ -62,7 +62,14 @@ from ..analysis.stats import tensor_bytes
 from ..errors import SmartMemError
 from ..tir.texture import LANES, image_extent, lower_texture_access
 from .math_rewrite import shape_of
-from .partition import Block, bind_like, is_single_block, rebuild_function, substitute
+from .partition import (
+    Block,
+    bind_like,
+    for_each_function,
+    is_single_block,
+    rebuild_function,
+    substitute,
+)
 from .texture import image_limits
 
 ACTIVATIONS_ATTR = "smartmem.texture_activations"
@@ -393,15 +400,13 @@ def texture_activations_of(func: relax.Function) -> dict:
 
 
 def PackActivationsToTexture(target: Target | None = None, rules: list | None = None,
-                             func_name: str = "main",
+                             func_name: str | None = None,
                              policy: str | None = None) -> tvm.transform.Pass:
     """Place intermediate tensors in RGBA images packed by their readers' reduction axis (see
     module doc); ``rules`` are the schedule rules the pipeline will use (tried per kernel)."""
 
     @tvm.transform.module_pass(opt_level=0, name="PackActivationsToTexture")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if func_name not in [gv.name_hint for gv in mod.get_global_vars()]:
-            return mod
         tgt = target or Target.current(allow_none=False)
         if rules is None:
             from ..pipeline import _dlight_rules
@@ -409,6 +414,7 @@ def PackActivationsToTexture(target: Target | None = None, rules: list | None = 
             use = _dlight_rules(tuned=True, texture=True, long_rows=True, attention=True)
         else:
             use = rules
-        return place_function(mod, tgt, use, func_name, policy)
+        return for_each_function(mod, func_name,
+                                 lambda m, name: place_function(m, tgt, use, name, policy))
 
     return _pass

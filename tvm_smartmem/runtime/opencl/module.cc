@@ -129,6 +129,40 @@ std::map<std::string, std::string> SplitSections(const std::string& code) {
 
 enum class ArgKind { kUnknown, kBuffer, kImage };
 
+/*!
+ * \brief Image or buffer, per parameter of kernel `name`, read from its signature in `src`.
+ *
+ * Read from the source rather than asked of the driver (clGetKernelArgInfo), so that programs
+ * build with no option beyond the user's own: -cl-kernel-arg-info, which the driver query
+ * needs, was the one difference between the runtime's builds, which NVIDIA's compiler failed
+ * for some texture kernels, and benchmarks/opencl_build_check.py's, which it passed.
+ * Parameters the signature does not make clear (scalars) stay kUnknown: unchecked.
+ */
+std::vector<ArgKind> ParamKinds(const std::string& src, const std::string& name, size_t n) {
+  std::vector<ArgKind> kinds(n, ArgKind::kUnknown);
+  const std::string key = " " + name + "(";
+  size_t pos = src.find(key);
+  if (pos == std::string::npos) return kinds;
+  size_t close = src.find(')', pos);
+  if (close == std::string::npos) return kinds;
+  std::string params = src.substr(pos + key.size(), close - pos - key.size());
+  size_t i = 0, start = 0;
+  while (i < n && start <= params.size()) {
+    size_t comma = params.find(',', start);
+    std::string p = params.substr(start, comma == std::string::npos ? std::string::npos
+                                                                    : comma - start);
+    if (p.find("image") != std::string::npos) {
+      kinds[i] = ArgKind::kImage;
+    } else if (p.find('*') != std::string::npos) {
+      kinds[i] = ArgKind::kBuffer;
+    }
+    ++i;
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return kinds;
+}
+
 /*! \brief A kernel built for one device; launches on it are serialised by `mu`. */
 struct BuiltKernel {
   std::mutex mu;
@@ -255,10 +289,8 @@ class OpenCLModuleNode : public ffi::ModuleObj {
     cl_int err = CL_SUCCESS;
     out->program = api.clCreateProgramWithSource(ws.context(), 1, &text, &len, &err);
     Check(err, "clCreateProgramWithSource");
-    std::string options = "-cl-kernel-arg-info";
-    if (const char* extra = std::getenv("TVM_SMARTMEM_OPENCL_BUILD_OPTIONS")) {
-      options += std::string(" ") + extra;
-    }
+    std::string options;
+    if (const char* extra = std::getenv("TVM_SMARTMEM_OPENCL_BUILD_OPTIONS")) options = extra;
     err = api.clBuildProgram(out->program, 1, &dev.id, options.c_str(), nullptr, nullptr);
     if (err != CL_SUCCESS) {
       size_t n = 0;
@@ -272,16 +304,7 @@ class OpenCLModuleNode : public ffi::ModuleObj {
     }
     out->kernel = api.clCreateKernel(out->program, info.name.c_str(), &err);
     Check(err, ("clCreateKernel(" + info.name + ")").c_str());
-    out->arg_kinds.assign(info.arg_types.size(), ArgKind::kUnknown);
-    for (size_t i = 0; i < info.arg_types.size(); ++i) {
-      if (info.arg_types[i].code != kDLOpaqueHandle) continue;
-      char type_name[256] = {0};
-      if (api.clGetKernelArgInfo(out->kernel, static_cast<cl_uint>(i), CL_KERNEL_ARG_TYPE_NAME,
-                                 sizeof(type_name) - 1, type_name, nullptr) == CL_SUCCESS) {
-        out->arg_kinds[i] =
-            std::strstr(type_name, "image") ? ArgKind::kImage : ArgKind::kBuffer;
-      }
-    }
+    out->arg_kinds = ParamKinds(src, info.name, info.arg_types.size());
   }
 
   void Launch(const KernelInfo& info, const ffi::PackedArgs& args) {
