@@ -309,6 +309,8 @@ def _measure_stage2(args: argparse.Namespace) -> None:
             continue
         model_out = {"builds": {}}
         for build, b in entry["builds"].items():
+            if args.builds and not any(w in build for w in args.builds.split(",")):
+                continue
             device = b.get("device") or build.rsplit("-", 1)[1]
             row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"]}
             try:
@@ -417,7 +419,8 @@ def measure(args: argparse.Namespace) -> None:
 
     bundle = Path(args.bundle).resolve()
     env = _setup_runtime(bundle, Path(args.site))
-    names = list(json.loads((bundle / "manifest.json").read_text())["models"])
+    names = [n for n in json.loads((bundle / "manifest.json").read_text())["models"]
+             if not args.models or n in args.models.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix="gpu_parts_"))  # $OUT takes few files, few levels
@@ -427,7 +430,8 @@ def measure(args: argparse.Namespace) -> None:
         part = parts / job[-1]
         cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
                "--out", str(part), "--repeat", str(args.repeat), "--number", str(args.number),
-               "--warmup", str(args.warmup), "--profile", args.profile, *job]
+               "--warmup", str(args.warmup), "--profile", args.profile,
+               "--builds", args.builds, *job]
         rc = subprocess.run(cmd, env=env).returncode
         got = part / "gpu_results.json"
         if not got.exists():
@@ -619,6 +623,9 @@ def main() -> None:
     m.add_argument("--warmup", type=int, default=10)
     m.add_argument("--peers", action="store_true", help="also PyTorch eager / torch.compile")
     m.add_argument("--profile", default="", help="models to time kernel by kernel too")
+    m.add_argument("--models", default="", help="only these models of the bundle (a,b,...)")
+    m.add_argument("--builds", default="",
+                   help="only the builds whose name contains one of these (a,b,...)")
     m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage 2: one model
     m.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
