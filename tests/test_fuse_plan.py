@@ -217,6 +217,66 @@ def test_operand_reuse_tells_matmuls_from_row_reductions():
     assert operand_reuse(te.create_prim_func([x, topi.sum(x, axis=1)])) == 1
     assert operand_reuse(te.create_prim_func([x, topi.exp(x)])) == 0  # no reduction
     assert 1 <= REUSE_LIMIT < 16
+    # a layernorm's variance block reads its own row mean once per element: that buffer is
+    # computed in the kernel, not an input a prologue would be inlined into
+    g, be = te.placeholder((64,), name="g"), te.placeholder((64,), name="be")
+    norm = te.create_prim_func([x, g, be, topi.nn.layer_norm(x, g, be, axis=[1])])
+    assert operand_reuse(norm) <= 2
+
+
+def test_a_computing_prologue_fuses_into_a_layernorm():
+    """x + h feeding a layernorm is one kernel: the add is recomputed at most once per
+    statistic, cheaper than a kernel and a round trip (a matmul operand would not take it)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, 64), "float32"))
+    h = relax.Var("h", relax.TensorType((8, 64), "float32"))
+    g, be = (relax.Var(n, relax.TensorType((64,), "float32")) for n in ("g", "be"))
+    with bb.function("main", [x, h, g, be]):
+        with bb.dataflow():
+            r = bb.emit(relax.op.exp(relax.op.add(x, h)))
+            out = bb.emit_output(relax.op.nn.layer_norm(r, g, be, axes=[-1]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    lowered = smartmem_pipeline(LLVM)(mod)
+    assert collect(lowered).kernels == 1
+    ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype("float32") for s in ((8, 64), (8, 64), (64,), (64,))]
+    y = np.exp(args[0].astype("float64") + args[1])
+    ref = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
+    assert_matches(run_vm(ex, args), [(ref * args[2] + args[3]).astype("float32")])
+
+
+def test_a_bias_add_joins_a_layernorm_but_not_a_matmul():
+    """A broadcast (one-to-many: the bias read by every row) into a many-to-many consumer is
+    red in DNNFusion's table, which holds for a matmul (each element re-read per output
+    column) but not for a normalisation that reads each element a few times: there it is
+    one kernel, and numerics hold."""
+    def build(consumer):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((8, 64), "float32"))
+        b = relax.Var("b", relax.TensorType((64,), "float32"))
+        w = relax.Var("w", relax.TensorType((64, 64), "float32"))
+        with bb.function("main", [x, b, w]):
+            with bb.dataflow():
+                r = bb.emit(relax.op.add(relax.op.exp(x), b))
+                if consumer == "layernorm":
+                    y = relax.op.nn.layer_norm(r, relax.const(np.ones(64, "float32")),
+                                               relax.const(np.zeros(64, "float32")), axes=[-1])
+                else:
+                    y = relax.op.matmul(r, w)
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+        return bb.get()
+
+    assert collect(smartmem_pipeline(LLVM)(build("layernorm"))).kernels == 1
+    assert collect(smartmem_pipeline(LLVM)(build("matmul"))).kernels == 2
+    rng = np.random.default_rng(1)
+    x, b, w = (rng.standard_normal(s).astype("float32") for s in ((8, 64), (64,), (64, 64)))
+    ex = tvm.compile(build("layernorm"), LLVM, relax_pipeline=smartmem_pipeline(LLVM))
+    y = np.exp(x.astype("float64")) + b
+    ref = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-5)
+    assert_matches(run_vm(ex, [x, b, w]), [ref.astype("float32")])
 
 
 def test_square_fuses_into_a_row_reduction_and_the_residual_into_the_gemm():

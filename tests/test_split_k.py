@@ -34,6 +34,10 @@ def _linear(m=64, k=256, n=96, lead=(1,), epilogue="gelu"):
             y = bb.emit(relax.op.add(relax.op.matmul(x, w), b))
             if epilogue == "gelu":
                 y = bb.emit(relax.op.nn.gelu(y))
+            elif epilogue == "residual_layernorm":  # BERT's post-LN block (n == k)
+                y = bb.emit(relax.op.nn.layer_norm(
+                    relax.op.add(y, x), relax.const(np.ones(n, "float32")),
+                    relax.const(np.zeros(n, "float32")), axes=[-1]))
             elif epilogue == "layernorm":
                 y = bb.emit(relax.op.nn.layer_norm(
                     relax.op.add(y, relax.op.mean(x, axis=[-1], keepdims=True)),
@@ -50,6 +54,10 @@ def _reference(x, w, b, epilogue):
     y = x.astype("float64") @ w.astype("float64") + b
     if epilogue == "gelu":
         return 0.5 * y * (1 + np.vectorize(math.erf)(y / math.sqrt(2)))
+    if epilogue == "residual_layernorm":
+        y = y + x
+        mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+        return (y - mu) / np.sqrt(var + 1e-5)
     if epilogue == "layernorm":
         y = y + x.mean(axis=-1, keepdims=True)
         mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
@@ -157,16 +165,21 @@ def test_batched_and_dynamic_products_are_left_alone(table, monkeypatch):
 
 
 @pytest.mark.parametrize("epilogue,lead,factor,extra", [("gelu", (1,), 4, 1), ("none", (2,), 2, 1),
-                                                        ("layernorm", (1,), 8, 0)])
+                                                        ("layernorm", (1,), 8, 0),
+                                                        ("residual_layernorm", (1,), 4, 0)])
 def test_split_gemms_match_numpy_on_opencl(monkeypatch, epilogue, lead, factor, extra):
     """Forced factors on PoCL, no kernel that only moves data: the sum of the partial products
     is one more kernel with the element-wise epilogue, or none where it becomes the prologue of
-    a normalisation that reads it."""
+    a normalisation that reads it (with the bias and the residual: BERT's post-LN block is
+    two kernels split as whole, the GEMM with its residual epilogue then the layernorm, or the
+    batched product then partial sum + bias + residual + layernorm)."""
     from tvm_smartmem.report import compile_with
     from tvm_smartmem.runtime import opencl
 
     dev = opencl.require_device()
     m, k, n = 40, 512, 72
+    if epilogue == "residual_layernorm":
+        n = k
     mod = _linear(m, k, n, lead, epilogue)
     monkeypatch.setenv(split_k.ENV, "off")
     _, whole, _ = compile_with(mod, OPENCL, "smartmem")

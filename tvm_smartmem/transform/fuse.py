@@ -364,6 +364,19 @@ class Planner:
         return any(not self.ecg.nodes[i].quadrant.fixed
                    for u in producers for i in self.units[u].members)
 
+    def _broadcast_into_row_reduction(self, first: M, second: M, consumers: set[int]) -> bool:
+        """One-to-many into many-to-many is red in DNNFusion's table because the consumer it
+        was written for (Expand -> Conv) reads every element of its operand many times, each
+        read recomputing the expansion.  A normalisation (layernorm, RMSNorm, softmax) reads
+        each element a few times (its reuse is at most ``REUSE_LIMIT``), so a broadcast
+        producer -- a bias add, a split-K partial sum with its bias -- costs it a few cheap
+        recomputations, less than a kernel and a round trip: green there, red elsewhere."""
+        if (first, second) != (M.ONE_TO_MANY, M.MANY_TO_MANY):
+            return False
+        reuse = max((self._reuse(i) for u in consumers for i in self.units[u].members
+                     if self.ecg.nodes[i].mapping == M.MANY_TO_MANY), default=float("inf"))
+        return reuse <= REUSE_LIMIT
+
     def _reuse(self, i: int) -> float:
         """How often the kernel of node ``i`` reads each element of its inputs, at most
         (iterations of its reduction blocks over input size; unknown: treated as large)."""
@@ -380,12 +393,14 @@ class Planner:
             return None
         first, second = (kind, unit.mapping) if forward else (unit.mapping, kind)
         fused, colour = relation(first, second)
+        producers, consumers = (block, {cand}) if forward else ({cand}, block)
+        if colour == R and self._broadcast_into_row_reduction(first, second, consumers):
+            fused, colour = M.MANY_TO_MANY, G
         if colour == R:
             return None
         trial = block | {cand}
         if not self.legal(trial):
             return None
-        producers, consumers = (block, {cand}) if forward else ({cand}, block)
         if colour == G and self._prologue_compute(producers, consumers):
             # TVM inlines a prologue into the many-to-many consumer's reads, which recomputes
             # it for every reuse (N times per element of a matmul operand); DNNFusion's own
@@ -401,25 +416,29 @@ class Planner:
         return fused
 
     def _grow(self, block: set[int], kind: M, start: int) -> M:
-        # successors first (recursively), then predecessors, as in Listing 1
-        stack = [start]
+        """Listing 1's growth, with one change of order: predecessors are tried first.
+
+        Listing 1 grows successors first.  Once a normalisation takes computing prologues (its
+        reuse is a few reads per element), that order makes a residual add join the layernorm
+        after it and leave the GEMM before it: two kernels either way, but the GEMM then writes
+        its raw product and the layernorm reads it and the residual, instead of the GEMM's
+        epilogue folding the residual in.  An element-wise op joining its producer's epilogue
+        saves that producer's write, so the producer side goes first; a split-K partial sum,
+        which cannot join its batched product, still reaches the layernorm after it."""
+        kind = self._grow_side(block, kind, sorted(block, reverse=True), forward=False)
+        kind = self._grow_side(block, kind, sorted(block, reverse=True), forward=True)
+        return self._grow_side(block, kind, sorted(block, reverse=True), forward=False)
+
+    def _grow_side(self, block: set[int], kind: M, stack: list[int], forward: bool) -> M:
+        """Add, recursively, the successors (``forward``) or predecessors that fuse."""
         while stack:
             u = stack.pop()
-            for s in sorted(self.succ[u]):
-                fused = self._try_add(block, kind, s, forward=True)
+            for v in sorted(self.succ[u] if forward else self.pred[u]):
+                fused = self._try_add(block, kind, v, forward=forward)
                 if fused is not None:
-                    block.add(s)
+                    block.add(v)
                     kind = fused
-                    stack.append(s)
-        stack = sorted(block, reverse=True)
-        while stack:
-            u = stack.pop()
-            for p in sorted(self.pred[u]):
-                fused = self._try_add(block, kind, p, forward=False)
-                if fused is not None:
-                    block.add(p)
-                    kind = fused
-                    stack.append(p)
+                    stack.append(v)
         return kind
 
     def run(self) -> list[set[int]]:
@@ -453,8 +472,9 @@ REUSE_LIMIT = 4
 
 
 def operand_reuse(func) -> float:
-    """Iterations of ``func``'s reduction blocks per element of its largest-read input: 1 for
-    a row reduction, ``n`` for a matmul operand (``m * n * k`` iterations over ``m * k``)."""
+    """Iterations of ``func``'s reduction blocks per element of its largest-read input (its
+    parameters, not the buffers it computes): 1 for a row reduction, ``n`` for a matmul operand
+    (``m * n * k`` iterations over ``m * k``)."""
     from tvm import tirx
 
     if not isinstance(func, tirx.PrimFunc):
@@ -473,8 +493,13 @@ def operand_reuse(func) -> float:
             return float("inf")
         iterations = float(np.prod([int(e.value) for e in extents]))
         for region in block.reads:
-            size = sizes.get(region.source.name)
-            if size is None:
+            # only the kernel's inputs take an inlined prologue; a buffer the kernel computes
+            # itself (layernorm's row mean, broadcast over the row) is read from its own
+            # result however often, and counting it made every normalisation look like a matmul
+            if region.source.name not in sizes:
+                continue
+            size = sizes[region.source.name]
+            if size is None:  # a dynamic input: what this block reads of it
                 size = max(1, int(np.prod([int(r.extent.value) if isinstance(
                     r.extent, tirx.IntImm) else 1 for r in region.region])))
             worst = max(worst, iterations / size)
