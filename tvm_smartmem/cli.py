@@ -3,6 +3,8 @@
     tvm-smartmem compile MODEL --target T -o out.so [--report]
     tvm-smartmem run out.so [--device D] [--inputs file.npz|random] [--repeat N]
     tvm-smartmem report [MODEL ...] [--target T] [--json]
+    tvm-smartmem tune MODEL --target T              (fusion decisions -> profile DB)
+    tvm-smartmem tune-schedules [MODEL ...] --target opencl-texture [--out table.json]
     tvm-smartmem zoo [--models a,b] [--out DIR]
     tvm-smartmem targets | devices
 
@@ -240,6 +242,78 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_label(device: str) -> str:
+    """A name for the device measurements are recorded under (its model where known)."""
+    if device.startswith("opencl"):
+        from .runtime import opencl
+
+        devices = opencl.describe().get("devices") or []
+        if devices:
+            return f"opencl:{devices[0]['name']}"
+    return device
+
+
+def cmd_tune_schedules(args: argparse.Namespace) -> int:
+    from . import frontend, models, numerics, pipeline, targets
+    from .cost.db import ProfileDB, default_path
+    from .report import resolve_model
+    from .tir import knob_search as ks
+    from .tir.matmul import load_table, target_key
+
+    tgt = targets.get(args.target)
+    key = target_key(tgt)
+    if pipeline.target_kind(tgt) != "opencl-texture" or key is None:
+        raise SmartMemError(
+            f"tune-schedules searches the knobs of the texture rules of a desktop OpenCL "
+            f"texture target (opencl-texture); '{args.target}' has none to search")
+    device = args.device or targets.device_of(tgt)
+    args.meta_device = targets.device_of(tgt)
+    runner = _runner_for(device, args)
+    workloads = []
+    for spec in args.models or ["builtin:bert_layer", "builtin:small_cnn"]:
+        name, proto = resolve_model(spec)
+        mod, params = frontend.from_onnx(proto)
+        inputs = models.random_inputs(proto, seed=args.seed)
+        workloads.append(ks.Workload(name, mod, params, list(inputs.values()),
+                                     numerics.onnxruntime_reference(proto, inputs)))
+    table = json.loads(json.dumps(load_table()))
+    start = ks.start_point(table, key)
+    db_path = Path(args.db) if args.db else default_path()
+    db = ProfileDB(db_path)
+    label = _device_label(device)
+    names = ",".join(w.name for w in workloads)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    def evaluate(knobs):
+        return ks.model_score(workloads, tgt, runner, table, key, knobs, log=log)
+
+    print(f"searching {len(ks.SPACE)} texture-rule knobs on {label} with {names} "
+          f"(population {args.population}, {args.generations} generations)", flush=True)
+    result = ks.genetic_search(ks.SPACE, ks.cached(evaluate, db, args.target, label, names),
+                               population=args.population, generations=args.generations,
+                               seed=args.seed, start=start, log=log)
+    print(f"start {result.start_score:.4g} ms, best {result.best_score:.4g} ms "
+          f"({result.speedup:.3f}x), {len(result.history)} candidates; "
+          f"{len(db)} fusion entries and the knob measurements in {db_path}")
+    if args.results:
+        Path(args.results).write_text(json.dumps(
+            {"target": args.target, "device": label, "models": names,
+             "protocol": {"repeat": args.repeat, "number": args.number, "warmup": args.warmup},
+             "population": args.population, "generations": args.generations,
+             "seed": args.seed, "start": result.start, "start_ms": result.start_score,
+             "best": result.best, "best_ms": result.best_score, "history": result.history},
+            indent=1))
+        print(f"wrote {args.results}")
+    if args.out:
+        ks.write_entry(Path(args.out), key, result.best, device=label,
+                       measured=args.results or f"tvm-smartmem tune-schedules on {label}",
+                       speedup=result.speedup, base=table)
+        print(f"wrote {args.out}: compile with TVM_SMARTMEM_MATMUL_CONFIGS={args.out} to use it")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from . import zoo
 
@@ -376,6 +450,25 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
     tu.add_argument("--seed", type=int, default=0)
     tu.set_defaults(func=cmd_tune)
+
+    ts = sub.add_parser("tune-schedules", help="search the texture schedule rules' knobs on "
+                        "a device (genetic search scored by whole models)")
+    ts.add_argument("models", nargs="*", help="ONNX files or builtin:NAME (default: "
+                    "builtin:bert_layer builtin:small_cnn)")
+    ts.add_argument("--target", default="opencl-texture", help=target_help)
+    ts.add_argument("--device", help="opencl or rpc://host:port/key[/device] "
+                    "(default: the target's device)")
+    ts.add_argument("--population", type=int, default=8, help="candidates per generation")
+    ts.add_argument("--generations", type=int, default=4)
+    ts.add_argument("--db", help="profile database (default: <cache>/profile.sqlite)")
+    ts.add_argument("--out", help="write the table with the best knobs here (use it through "
+                    "TVM_SMARTMEM_MATMUL_CONFIGS)")
+    ts.add_argument("--results", help="write the search's history (JSON) here")
+    ts.add_argument("--repeat", type=int, default=5, help="timed repeats (default 5)")
+    ts.add_argument("--number", type=int, default=10, help="calls per repeat (default 10)")
+    ts.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls (default 2)")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.set_defaults(func=cmd_tune_schedules)
 
     z = sub.add_parser("zoo", help="export the model zoo to ONNX (needs the [zoo] extra)")
     z.add_argument("--models", help="comma-separated names (default: the 21 default models)")

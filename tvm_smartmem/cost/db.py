@@ -1,7 +1,11 @@
-"""The profile database: measured latencies of fusion candidates (fused block vs. its parts).
+"""The profile database: measured latencies of fusion candidates (fused block vs. its parts)
+and of schedule-knob candidates.
 
-One sqlite file, one row per (candidate key, target kind); written by ``tvm-smartmem tune`` and
-read by the fusion planner.  Keys are the JSON descriptions of :mod:`.features`.
+One sqlite file.  Table ``entries``: one row per (candidate key, target kind), written by
+``tvm-smartmem tune`` and read by the fusion planner; keys are the JSON descriptions of
+:mod:`.features`.  Table ``schedule_knobs``: one row per (target, device, models, knobs),
+written by ``tvm-smartmem tune-schedules`` (:mod:`tvm_smartmem.tir.knob_search`), which reads
+it back instead of measuring a candidate twice.
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ CREATE TABLE IF NOT EXISTS entries (
     device TEXT,
     created TEXT,
     PRIMARY KEY (id, target)
+)
+"""
+
+
+_KNOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schedule_knobs (
+    target TEXT NOT NULL,
+    device TEXT NOT NULL,
+    models TEXT NOT NULL,
+    knobs TEXT NOT NULL,
+    ms REAL NOT NULL,
+    created TEXT,
+    PRIMARY KEY (target, device, models, knobs)
 )
 """
 
@@ -73,6 +90,7 @@ class ProfileDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(str(self.path), timeout=30)
         self._conn.execute(_SCHEMA)
+        self._conn.execute(_KNOBS_SCHEMA)
         self._conn.commit()
 
     def record(self, key: dict, fused_ms: float, parts_ms: float, device: str = "") -> None:
@@ -99,6 +117,25 @@ class ProfileDB:
             sql += " WHERE target = ?"
             args = (target,)
         return [_row(r) for r in self._conn.execute(sql, args).fetchall()]
+
+    def record_knobs(self, target: str, device: str, models: str, knobs: dict,
+                     ms: float) -> None:
+        """A schedule-knob candidate's score (``inf``: it failed) on ``device``."""
+        self._conn.execute(
+            "INSERT OR REPLACE INTO schedule_knobs VALUES (?, ?, ?, ?, ?, ?)",
+            (target, device, models, json.dumps(knobs, sort_keys=True),
+             ms if ms != float("inf") else 1e300,
+             datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")))
+        self._conn.commit()
+
+    def lookup_knobs(self, target: str, device: str, models: str, knobs: dict) -> float | None:
+        r = self._conn.execute(
+            "SELECT ms FROM schedule_knobs WHERE target = ? AND device = ? AND models = ? "
+            "AND knobs = ?", (target, device, models, json.dumps(knobs, sort_keys=True)),
+        ).fetchone()
+        if r is None:
+            return None
+        return float("inf") if r[0] >= 1e300 else float(r[0])
 
     def __len__(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])

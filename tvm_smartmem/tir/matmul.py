@@ -26,6 +26,14 @@ from tvm.target import Target
 TABLE = Path(__file__).resolve().parent / "matmul_configs.json"
 ENV = "TVM_SMARTMEM_MATMUL_CONFIGS"
 KNOBS = tuple(f.name for f in dataclasses.fields(gpu.Matmul.Config))
+#: The knobs of the other texture rules (``tir/schedules.py``) and their defaults; a texture
+#: target's entry (key ``<kind>-texture``) holds measured values under ``rules``, written by
+#: the knob search (``tir/knob_search.py``), as its ``config`` holds ``TextureMatmul``'s.
+RULE_KNOBS: dict[str, dict[str, int]] = {
+    "TextureElementwise": {"threads": 256},
+    "TextureRowReduction": {"max_threads": 256},
+    "TextureFallback": {"threads": 64},
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,6 +48,13 @@ def load_table(path: str | None = None) -> dict[str, dict]:
         if unknown:
             raise ValueError(f"{file}: unknown matmul knob(s) {sorted(unknown)} for '{key}'; "
                              f"knobs: {', '.join(KNOBS)}")
+        rules = entry.get("rules", {})
+        unknown = {f"{r}.{k}" for r, ks in rules.items() for k in ks
+                   if k not in RULE_KNOBS.get(r, {})}
+        if unknown:
+            raise ValueError(f"{file}: unknown texture rule knob(s) {sorted(unknown)} for "
+                             f"'{key}'; knobs: " + ", ".join(
+                                 f"{r}.{k}" for r, ks in RULE_KNOBS.items() for k in ks))
     return table
 
 

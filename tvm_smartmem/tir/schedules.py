@@ -37,8 +37,15 @@ from tvm import ir, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight import gpu
 
-from .matmul import TunedMatmul, load_table, target_key
+from .matmul import RULE_KNOBS, TunedMatmul, load_table, target_key
 from .texture import LANES, is_texture
+
+
+def rule_knob(target, rule: str, knob: str, table: str | None = None) -> int:
+    """``rule``'s ``knob`` for ``target``: measured (the table's texture entry) or default."""
+    key = target_key(target) if target is not None else None
+    entry = load_table(table).get(f"{key}-texture", {}) if key else {}
+    return int(entry.get("rules", {}).get(rule, {}).get(knob, RULE_KNOBS[rule][knob]))
 
 
 def texture_params(func: tirx.PrimFunc) -> list[str]:
@@ -263,12 +270,13 @@ class TextureMatmul(TunedMatmul):
 class TextureElementwise(dl.ScheduleRule):
     """One spatial block writing a texture buffer: threads over texels, lanes vectorised."""
 
-    def __init__(self, threads: int = 256):
-        self.threads = threads
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # None: the target's measured value (``rule_knob``)
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc):
             return None
+        threads = self.threads or rule_knob(target, "TextureElementwise", "threads")
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         # inline everything but the block that writes the texture (injective producers)
@@ -285,7 +293,7 @@ class TextureElementwise(dl.ScheduleRule):
             return None
         if any(iv.iter_type != tirx.IterVar.DataPar for iv in block.iter_vars):
             return None
-        if _texels_on_threads(sch, blocks[0], self.threads) is None:
+        if _texels_on_threads(sch, blocks[0], threads) is None:
             return None
         return stage_texture_writes(sch)
 
@@ -335,12 +343,14 @@ class TextureRowReduction(dl.ScheduleRule):
     dlight's ``GeneralReduction`` gives consecutive row elements to consecutive threads, so no
     thread holds the four lanes of a texel and the write cannot be one RGBA store."""
 
-    def __init__(self, max_threads: int = 256):
-        self.max_threads = max_threads
+    def __init__(self, max_threads: int | None = None):
+        self.max_threads = max_threads  # None: the target's measured value (``rule_knob``)
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or not _writes_texture(func):
             return None
+        max_threads = self.max_threads or rule_knob(target, "TextureRowReduction",
+                                                    "max_threads")
         found = _row_reduction(func)
         if found is None:
             return None
@@ -348,8 +358,8 @@ class TextureRowReduction(dl.ScheduleRule):
         if n_reduce != 1 or row % LANES:
             return None
         texels = row // LANES
-        threads = next((t for t in (256, 128, 64, 32) if t <= self.max_threads
-                        and texels % t == 0), min(64, self.max_threads))
+        threads = next((t for t in (512, 256, 128, 64, 32) if t <= max_threads
+                        and texels % t == 0), min(64, max_threads))
         loops = sch.get_loops(infos[-1].block_rv)
         block_loop = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
         # each thread owns a contiguous run of texels (its registers stage their writes)
@@ -377,8 +387,8 @@ class TextureFallback(dl.ScheduleRule):
     thread.  What dlight's ``Fallback`` does for buffers -- one element per thread -- cannot
     write an image, which takes whole texels."""
 
-    def __init__(self, threads: int = 64):
-        self.threads = threads
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # None: the target's measured value (``rule_knob``)
 
     def apply(self, func, target, _tunable):
         from ..analysis.classify import prim_blocks
@@ -399,7 +409,8 @@ class TextureFallback(dl.ScheduleRule):
             # not injective or not inlinable: computed per texel below
             with contextlib.suppress(Exception):
                 sch.compute_inline(rv)
-        tx = _texels_on_threads(sch, writer, self.threads)
+        tx = _texels_on_threads(sch, writer,
+                                self.threads or rule_knob(target, "TextureFallback", "threads"))
         if tx is None:
             return None
         rest = [b for b in prim_blocks(sch.mod["main"])
