@@ -287,7 +287,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:  # after every model: a run cut off by the time limit keeps what it has
+    def save() -> None:
         (out / "gpu_results.json").write_text(json.dumps(results, indent=2))
 
     for i, name in enumerate(names, 1):
@@ -309,7 +309,7 @@ def _measure_stage2(args: argparse.Namespace) -> None:
             continue
         model_out = {"builds": {}}
         for build, b in entry["builds"].items():
-            if args.builds and not any(w in build for w in args.builds.split(",")):
+            if args.builds and build not in args.builds.split(","):
                 continue
             device = b.get("device") or build.rsplit("-", 1)[1]
             row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"]}
@@ -334,6 +334,8 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                 tail = "".join(traceback.format_exception(exc)[-4:])
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:600]} | {tail[-800:]}"
             model_out["builds"][build] = row
+            results["models"][name] = model_out
+            save()  # after every build: a process stopped at the deadline keeps what it has
             print(f"[{i}/{len(names)}] {name} {build}: "
                   + (f"{row['median_ms']:.3f} ms, max error {row['max_error']:.1e}"
                      if "median_ms" in row else row.get("error", "")), flush=True)
@@ -425,6 +427,7 @@ def measure(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix="gpu_parts_"))  # $OUT takes few files, few levels
     merged: dict = {}
+    deadline = time.monotonic() + args.deadline if args.deadline else None
     jobs = [["--only", n] for n in names] + ([["--peers-only"]] if args.peers else [])
     for job in jobs:
         part = parts / job[-1]
@@ -432,7 +435,16 @@ def measure(args: argparse.Namespace) -> None:
                "--out", str(part), "--repeat", str(args.repeat), "--number", str(args.number),
                "--warmup", str(args.warmup), "--profile", args.profile,
                "--builds", args.builds, *job]
-        rc = subprocess.run(cmd, env=env).returncode
+        left = deadline - time.monotonic() if deadline else None
+        if left is not None and left < 15:  # no time for a model: say so rather than be cut
+            merged.setdefault("models", {})[job[-1]] = {
+                "error": "not measured: the run's --deadline was reached", "builds": {}}
+            (out / "gpu_results.json").write_text(json.dumps(merged, indent=2))
+            continue
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=left).returncode
+        except subprocess.TimeoutExpired:  # its builds measured so far are in its part file
+            rc = "killed at the run's --deadline"
         got = part / "gpu_results.json"
         if not got.exists():
             merged.setdefault("models", {})[job[-1]] = {
@@ -624,8 +636,12 @@ def main() -> None:
     m.add_argument("--peers", action="store_true", help="also PyTorch eager / torch.compile")
     m.add_argument("--profile", default="", help="models to time kernel by kernel too")
     m.add_argument("--models", default="", help="only these models of the bundle (a,b,...)")
+    m.add_argument("--deadline", type=float, default=0,
+                   help="seconds: stop starting models after this, and stop the one running "
+                        "(what it measured is kept) -- set it inside the device call's limit")
     m.add_argument("--builds", default="",
-                   help="only the builds whose name contains one of these (a,b,...)")
+                   help="only these builds (a,b,...: pipeline-target names, e.g. "
+                        "smartmem-opencl-texture)")
     m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage 2: one model
     m.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
