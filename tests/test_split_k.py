@@ -102,6 +102,7 @@ def test_the_factor_is_the_smallest_that_fills_the_gpu():
     assert p.factor(197, 384, 384) == 2       # chunks of 192; x4 would give 96 < 128
     assert p.factor(3136, 288, 96) == 1       # plenty of rows
     assert p.factor(128, 768, 1000) == 1      # 1000 is no multiple of 2 x 16
+    assert p.factor(1, 1000, 2048) == 1       # a GEMV (ResNet's classifier, LLM decode)
 
 
 def test_a_forced_factor_applies_where_it_divides():

@@ -59,6 +59,8 @@ class SplitPolicy:
         if self.force is not None:
             s = self.force
             return s if s > 1 and k % (s * self.step) == 0 else 1
+        if m == 1:  # a GEMV: dlight's GEMV rule spreads n and k itself, no output tiles
+            return 1
         blocks = math.ceil(m / self.tile[0]) * math.ceil(n / self.tile[1])
         if blocks >= self.min_blocks:
             return 1
