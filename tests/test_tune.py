@@ -73,3 +73,27 @@ def test_cli_tune(cli, tmp_path):
     assert len(ProfileDB(db)) == 2
     code, _, err = cli("tune", "builtin:bert_layer", "--target", "metal")
     assert code == 2 and "unknown target 'metal'" in err
+
+
+def test_questions_of_every_function_are_asked_and_measured():
+    """A module whose graph is not called ``main`` (an LLM's ``decode``, say) has its yellow
+    questions asked and measured like ``main``'s; one asked in two functions counts once."""
+    from tvm import IRModule
+
+    from tvm_smartmem.cost.tune import measure_candidate
+
+    mod, _ = frontend.from_onnx(models.bert_layer())
+    decode = IRModule({"decode": mod["main"].with_attr("global_symbol", "decode")})
+    planned = smartmem_pipeline(LLVM, phases=PLAN_PHASES)(decode)
+    questions = yellow_candidates(planned, LLVM, CostLayer())
+    as_main = yellow_candidates(smartmem_pipeline(LLVM, phases=PLAN_PHASES)(mod), LLVM,
+                                CostLayer())
+    assert questions and {c.func for c in questions} == {"decode"}
+    assert [c.key for c in questions] == [c.key for c in as_main]
+    m = measure_candidate(planned, questions[0], LLVM, LocalRunner("cpu", **FAST))
+    assert m.error is None and m.fused_ms > 0 and m.parts_ms > 0
+    both = mod.clone()
+    both["decode"] = decode["decode"]
+    twice = yellow_candidates(smartmem_pipeline(LLVM, phases=PLAN_PHASES)(both), LLVM,
+                              CostLayer())
+    assert [c.key for c in twice] == [c.key for c in as_main]

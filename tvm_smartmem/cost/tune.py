@@ -41,10 +41,11 @@ class Candidate:
     """One yellow question: the bindings of the producer side and of the consumer side."""
 
     key: dict
-    producer: list  # relax.Var of the legalised main
+    producer: list  # relax.Var of the legalised function ``func``
     consumer: list
     label: str
     verdict: Verdict | None = None
+    func: str = "main"
 
 
 @dataclasses.dataclass
@@ -68,6 +69,7 @@ class _Recorder(CostLayer):
         super().__init__(inner.db, inner.model)
         self.inner = inner
         self.asked: dict[str, Candidate] = {}
+        self.func = "main"  # the function being planned
 
     def should_fuse(self, planner, block: set[int], cand: int, forward: bool, target) -> Verdict:
         verdict = self.inner.should_fuse(planner, block, cand, forward, target)
@@ -80,25 +82,30 @@ class _Recorder(CostLayer):
 
         label = f"{planner._label(min(producer))} -> {planner._label(min(consumer))}"
         self.asked.setdefault(key["id"], Candidate(key, vars_of(producer), vars_of(consumer),
-                                                   label, verdict))
+                                                   label, verdict, self.func))
         return verdict
 
 
 def yellow_candidates(planned: tvm.IRModule, target, cost: CostLayer) -> list[Candidate]:
-    """The questions the planner asks on ``planned`` (legalised, layout-planned) given ``cost``."""
+    """The questions the planner asks on ``planned`` (legalised, layout-planned) given
+    ``cost``, in every graph function (a question asked in two is measured once)."""
     from ..transform.fuse import make_planner
+    from ..transform.partition import graph_functions, is_single_block
 
     recorder = _Recorder(cost)
     with target:
-        make_planner(planned["main"], planned, recorder, target).run()
+        for name in graph_functions(planned):
+            if is_single_block(planned[name]):
+                recorder.func = name
+                make_planner(planned[name], planned, recorder, target).run()
     return list(recorder.asked.values())
 
 
 def extract(mod: tvm.IRModule, variables: list, func_name: str = "main"
             ) -> tuple[tvm.IRModule, dict]:
-    """A module whose ``main`` computes just ``variables``' bindings; its parameters are what
-    they read from outside, its results what the rest of the graph reads from them.  Returns
-    the module and old var -> new var."""
+    """A module whose ``main`` computes just ``variables``' bindings (of ``func_name``); its
+    parameters are what they read from outside, its results what the rest of the graph reads
+    from them.  Returns the module and old var -> new var."""
     from ..transform.lift_weight_transforms import is_load_time
     from ..transform.partition import Block, replace_function, substitute
 
@@ -130,11 +137,11 @@ def extract(mod: tvm.IRModule, variables: list, func_name: str = "main"
                 relax.Tuple([mapping[r] for r in results])
             out = bb.emit_output(value)
         bb.emit_func_output(out)
-    sub = replace_function(bb.get(), tmp, func_name, {"global_symbol": func_name}, mod)
+    sub = replace_function(bb.get(), tmp, "main", {"global_symbol": "main"}, mod)
     for gv in list(sub.get_global_vars()):  # the candidate takes no weights to transform
         if is_load_time(gv.name_hint):
             del sub[gv]
-    sub = relax.transform.DeadCodeElimination([func_name])(sub)
+    sub = relax.transform.DeadCodeElimination(["main"])(sub)
     return sub, mapping
 
 
@@ -166,9 +173,9 @@ def measure_candidate(planned: tvm.IRModule, cand: Candidate, target, runner,
     """Time the candidate fused (one kernel) and split (two kernels) on ``runner``'s device."""
     from ..analysis.classify import classes_of
 
-    classes = classes_of(planned["main"])
+    classes = classes_of(planned[cand.func])
     try:
-        sub, mapping = extract(planned, cand.producer + cand.consumer)
+        sub, mapping = extract(planned, cand.producer + cand.consumer, cand.func)
         if any(not p.ty.shape or any(not isinstance(d, tvm.tirx.IntImm)
                                      for d in p.ty.shape.values) for p in sub["main"].params):
             return Measurement(cand.label, None, None, "symbolic shapes: not measured")
