@@ -219,3 +219,13 @@ def test_the_pipeline_splits_from_the_table_and_the_ablation_can_switch_it_off(t
     assert smartmem_pipeline(OPENCL)(mod).attrs["smartmem.split_k"]
     off = smartmem_pipeline(OPENCL, disable=("SplitKMatmul",))(mod)
     assert off.attrs is None or "smartmem.split_k" not in off.attrs
+
+
+def test_the_report_counts_the_split_gemms(monkeypatch):
+    from tvm_smartmem.report import compile_with_facts
+
+    mod = _linear(40, 512, 72, (1,), "gelu")
+    monkeypatch.setenv(split_k.ENV, "4")
+    assert compile_with_facts(mod, OPENCL, "smartmem")[3]["split_gemms"] == 1
+    monkeypatch.setenv(split_k.ENV, "off")
+    assert compile_with_facts(mod, OPENCL, "smartmem")[3]["split_gemms"] == 0

@@ -128,6 +128,7 @@ def bench_one(model: str, mod, target: str, pipeline: str, inputs: dict, params:
     row.update(compile_seconds=round(secs, 2), flops_removed=facts.get("flops_removed", 0),
                rewrites=facts.get("rewrites", {}),
                combined_matmuls=facts.get("combined_matmuls", 0),
+               split_gemms=facts.get("split_gemms", 0),
                weight_layout=facts.get("weight_layout"))
     if runner is None:
         row["latency"] = None

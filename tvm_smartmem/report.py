@@ -39,6 +39,7 @@ class PipelineReport:
     flops_removed: int = 0  # weighted FLOPs MathPropertyRewrite removed (per inference)
     opaque_ops: list[str] = dataclasses.field(default_factory=list)
     combined_matmuls: int = 0  # GEMMs CombineParallelMatmuls merged away
+    split_gemms: int = 0  # GEMMs SplitKMatmul split along their reduction
     weight_layout: str | None = None  # SelectLayouts' choice (KN / NK), None when it did not run
     texture_weights: dict = dataclasses.field(default_factory=dict)  # PackWeightsToTexture's
     texture_activations: dict = dataclasses.field(default_factory=dict)  # PackActivations...
@@ -57,6 +58,7 @@ class PipelineReport:
         out["rewrites"] = dict(self.rewrites)
         out["opaque_ops"] = list(self.opaque_ops)
         out["combined_matmuls"] = self.combined_matmuls
+        out["split_gemms"] = self.split_gemms
         out["weight_layout"] = self.weight_layout
         out["weight_images"] = self.texture_weights.get("packed")
         out["activation_images"] = len(self.texture_activations["images"]) \
@@ -84,8 +86,9 @@ def resolve_model(spec: str | Path | onnx.ModelProto) -> tuple[str, onnx.ModelPr
 
 def pipeline_facts(lowered: tvm.IRModule) -> dict:
     """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops,
-    GEMMs combined, the weight layout chosen and, on texture targets, which weights and
-    activations went into images (and why the others did not)."""
+    GEMMs combined, GEMMs split along k (a module attribute), the weight layout chosen and, on
+    texture targets, which weights and activations went into images (and why the others did
+    not)."""
     from .transform.combine_parallel_matmul import combined_of
     from .transform.math_rewrite import rewrites_of
     from .transform.select_layout import layout_selection_of
@@ -101,6 +104,8 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
         if main.attrs and "smartmem.opaque_ops" in main.attrs else []
     return {"rewrites": counts, "flops_removed": flops, "opaque_ops": opaque,
             "combined_matmuls": combined_of(main),
+            "split_gemms": len(lowered.attrs["smartmem.split_k"])
+            if lowered.attrs and "smartmem.split_k" in lowered.attrs else 0,
             "weight_layout": layout_selection_of(main).get("layout"),
             "texture_weights": texture_weights_of(main),
             "texture_activations": texture_activations_of(main)}
@@ -210,6 +215,7 @@ _ROWS = [
     ("fusion_rate", "fusion rate (ops per kernel)"),
     ("flops_removed", "FLOPs removed by rewriting"),
     ("combined_matmuls", "GEMMs combined (q/k/v...)"),
+    ("split_gemms", "GEMMs split along k"),
     ("weight_layout", "weight layout"),
     ("weight_images", "weights in images"),
     ("activation_images", "activations in images"),
