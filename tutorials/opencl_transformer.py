@@ -20,7 +20,10 @@ of each texel.
 # -----------------
 # :func:`tvm_smartmem.runtime.opencl.describe` lists the platforms the runtime found (this is
 # what ``tvm-smartmem devices`` prints).
+import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import tvm
@@ -31,6 +34,8 @@ from tvm_smartmem.measure import LocalRunner
 from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.report import compare_pipelines
 from tvm_smartmem.runtime import opencl
+from tvm_smartmem.tir import knob_search
+from tvm_smartmem.tir.matmul import load_table
 from tvm_smartmem.transform.texture import texture_weights_of
 from tvm_smartmem.transform.texture_activations import texture_activations_of
 
@@ -154,3 +159,25 @@ runner = LocalRunner("opencl", repeat=3, number=2, warmup=1)
 buf_ms = runner.run(ex, list(inputs.values()), params).median_ms
 tex_ms = runner.run(ex_tex, list(inputs.values()), params).median_ms
 print(f"buffers {buf_ms:.2f} ms, textures {tex_ms:.2f} ms (ratio {buf_ms / tex_ms:.2f}x)")
+
+# %%
+# Tuning the texture rules for this device
+# ----------------------------------------
+# The texture schedule rules have knobs (the GEMM's tiling, threads per block) whose best
+# values depend on the GPU.  ``tvm-smartmem tune-schedules`` searches them with a small genetic
+# algorithm, each candidate compiled by the pipeline, run on the device and checked against
+# ONNX Runtime, and writes the winner into a table the rules read
+# (``TVM_SMARTMEM_MATMUL_CONFIGS``).  The same search through the API, kept tiny here (two
+# candidates) -- on PoCL the timings say little, on a phone or a GPU they are the point:
+table = json.loads(json.dumps(load_table()))
+workload = knob_search.Workload("vit_block", mod, params, list(inputs.values()),
+                                numerics.onnxruntime_reference(onnx_model, inputs))
+result = knob_search.genetic_search(
+    knob_search.SPACE,
+    lambda knobs: knob_search.model_score([workload], texture_target, runner, table, "opencl",
+                                          knobs),
+    population=2, generations=1, start=knob_search.start_point(table, "opencl"))
+print(f"start {result.start_score:.2f} ms, best {result.best_score:.2f} ms:", result.best)
+tuned = knob_search.write_entry(Path(tempfile.mkdtemp()) / "table.json", "opencl", result.best,
+                                device="tutorial", measured="tutorial", speedup=result.speedup)
+print("texture entry now:", tuned["opencl-texture"]["rules"])
