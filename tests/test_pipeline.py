@@ -147,3 +147,41 @@ def test_every_graph_function_is_optimised_not_only_main():
         weights = prepare_weights(vm, up, name)
         args = [tvm.runtime.tensor(a) for a in inputs.values()]
         assert_matches(flatten_outputs(vm[name](*args, *weights)), ref)
+
+
+def test_a_function_with_control_flow_is_left_to_tvm_and_its_neighbours_still_fused():
+    """``main`` with an ``if`` (no dataflow block: TVM's FuseOps' business, run on it alone)
+    next to a dataflow function the planner fuses into one kernel; both compute right."""
+    import numpy as np
+    from tvm.script import relax as R
+
+    @tvm.script.ir_module
+    class Mod:
+        @R.function
+        def main(x: R.Tensor((8, 16), "float32"), c: R.Tensor((), "bool")
+                 ) -> R.Tensor((8, 16), "float32"):
+            if c:
+                y = R.exp(R.add(x, x))
+                z = R.multiply(y, y)
+            else:
+                z = R.nn.relu(x)
+            return z
+
+        @R.function
+        def second(x: R.Tensor((8, 16), "float32")) -> R.Tensor((8, 16), "float32"):
+            with R.dataflow():
+                y = R.exp(R.add(x, x))
+                z = R.multiply(y, y)
+                R.output(z)
+            return z
+
+    lowered = pipeline.smartmem_pipeline(LLVM, phases=pipeline.UP_TO_KERNELS)(Mod)
+    assert _kernel_calls(lowered["second"]) == 1
+    ex = tvm.compile(Mod, LLVM, relax_pipeline="smartmem")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = np.random.default_rng(0).random((8, 16)).astype("float32")
+    ref = (np.exp(2 * x.astype("float64")) ** 2).astype("float32")
+    for c, want in ((True, ref), (False, np.maximum(x, 0))):
+        got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.array(c))).numpy()
+        assert_matches([got], [want])
+    assert_matches([vm["second"](tvm.runtime.tensor(x)).numpy()], [ref])
