@@ -129,6 +129,7 @@ class _CL:
 
 
 def check(args: argparse.Namespace) -> None:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     cl = _CL(args.lib)
     results = {}
     for path in sorted(Path(args.sources).glob("*.json.gz")):
