@@ -36,7 +36,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .matmul import ENV, RULE_KNOBS, TABLE, load_table
+from .matmul import ENV, RULE_KNOBS, TABLE, load_table, texture_key
 
 #: rule.knob -> the values tried (each list ordered, so "neighbouring" means adjacent)
 SPACE: dict[str, tuple[int, ...]] = {
@@ -58,15 +58,10 @@ def _key(c: Candidate) -> tuple:
     return tuple(sorted(c.items()))
 
 
-def texture_entry_key(kind: str) -> str:
-    """The table key of a texture target's entry (``opencl`` -> ``opencl-texture``)."""
-    return f"{kind}-texture"
-
-
 def gemm_config(table: dict, kind: str) -> dict:
     """The GEMM config ``TextureMatmul`` uses for ``kind``: the texture entry's, else the
     buffer entry's, else dlight's generic GPU one."""
-    entry = table.get(texture_entry_key(kind), {})
+    entry = table.get(texture_key(kind), {})
     if "config" in entry:
         return dict(entry["config"])
     if "config" in table.get(kind, {}):
@@ -79,7 +74,7 @@ def gemm_config(table: dict, kind: str) -> dict:
 def start_point(table: dict, kind: str, space: dict = SPACE) -> Candidate:
     """The knobs the table gives ``kind`` now (the search's first candidate)."""
     config = gemm_config(table, kind)
-    rules = table.get(texture_entry_key(kind), {}).get("rules", {})
+    rules = table.get(texture_key(kind), {}).get("rules", {})
     out: Candidate = {}
     for name in space:
         rule, knob = name.split(".", 1)
@@ -93,7 +88,7 @@ def start_point(table: dict, kind: str, space: dict = SPACE) -> Candidate:
 def candidate_table(table: dict, kind: str, knobs: Candidate) -> dict:
     """``table`` with ``kind``'s texture entry set to ``knobs`` (everything else kept)."""
     out = json.loads(json.dumps(table))
-    entry = out.setdefault(texture_entry_key(kind), {})
+    entry = out.setdefault(texture_key(kind), {})
     config = gemm_config(table, kind)
     rules: dict[str, dict[str, int]] = {}
     for name, value in sorted(knobs.items()):
@@ -285,7 +280,7 @@ def write_entry(path: Path, kind: str, knobs: Candidate, *, device: str, measure
     table = base if base is not None else json.loads(
         (path if path.exists() else TABLE).read_text())
     out = candidate_table(table, kind, knobs)
-    entry = out[texture_entry_key(kind)]
+    entry = out[texture_key(kind)]
     entry["rules_measured"] = measured
     entry["rules_device"] = device
     entry["rules_speedup"] = round(speedup, 3) if math.isfinite(speedup) else None

@@ -58,6 +58,12 @@ def load_table(path: str | None = None) -> dict[str, dict]:
     return table
 
 
+def texture_key(key: str) -> str:
+    """The table key of a texture target's own entry (``opencl`` -> ``opencl-texture``): its
+    texture GEMM ``config``, the other texture rules' ``rules`` and the texture policies."""
+    return f"{key}-texture"
+
+
 def target_key(target: Target) -> str | None:
     """The table key of a target: ``cuda``, ``opencl``; None for targets dlight tunes itself
     (a mobile OpenCL target -- Adreno, Android host -- keeps dlight's mobile setting)."""

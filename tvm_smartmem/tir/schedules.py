@@ -37,14 +37,14 @@ from tvm import ir, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight import gpu
 
-from .matmul import RULE_KNOBS, TunedMatmul, load_table, target_key
+from .matmul import RULE_KNOBS, TunedMatmul, load_table, target_key, texture_key
 from .texture import LANES, is_texture
 
 
 def rule_knob(target, rule: str, knob: str, table: str | None = None) -> int:
     """``rule``'s ``knob`` for ``target``: measured (the table's texture entry) or default."""
     key = target_key(target) if target is not None else None
-    entry = load_table(table).get(f"{key}-texture", {}) if key else {}
+    entry = load_table(table).get(texture_key(key), {}) if key else {}
     return int(entry.get("rules", {}).get(rule, {}).get(knob, RULE_KNOBS[rule][knob]))
 
 
@@ -252,7 +252,7 @@ class TextureMatmul(TunedMatmul):
         else:  # measured for textures (benchmarks/texture_matmul_sweep.py), else the buffer one
             key = target_key(target)
             table = load_table(self.table)
-            texture = table.get(f"{key}-texture", {}) if key else {}
+            texture = table.get(texture_key(key), {}) if key else {}
             entry = texture if "config" in texture else (table.get(key) if key else None)
             base = gpu.Matmul.Config(**entry["config"]) if entry else \
                 super().get_configs(target)

@@ -41,7 +41,7 @@ from tvm import relax, tirx
 
 from ..analysis.classify import MappingType
 from ..analysis.ecg import ECG, Node, build_ecg
-from .partition import Block, for_each_function, replace_function, substitute
+from .partition import Block, for_each_function, is_single_block, replace_function, substitute
 
 PLAN_ATTR = "smartmem.layout_plan"
 CONSUMER, PRODUCER, KEEP = "consumer", "producer", "keep"
@@ -373,8 +373,7 @@ def EliminateLayoutTransforms(func_name: str | None = None) -> tvm.transform.Pas
 def eliminate_function(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
     """``mod`` with ``func_name``'s layout-fixed operators planned and tagged for folding."""
     func = mod[func_name]
-    if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
-                                                    relax.DataflowBlock):
+    if not is_single_block(func):
         return mod  # not a single dataflow block: nothing we understand
     mod = duplicate_per_consumer(unique_names(mod, func_name), func_name)
     func = mod[func_name]

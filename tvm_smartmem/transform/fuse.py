@@ -44,7 +44,7 @@ from ..analysis.classify import MappingType as M
 from ..analysis.classify import prim_blocks
 from ..analysis.ecg import ECG, Node, build_ecg
 from .eliminate_layout import CONSUMER, PRODUCER, layout_plan
-from .partition import for_each_function, fuse_groups
+from .partition import for_each_function, fuse_groups, is_single_block
 
 G, Y, R = "green", "yellow", "red"
 
@@ -357,9 +357,7 @@ class Planner:
         inlined prologue would be recomputed per reuse).  A reduction that reads each element
         a few times (mean, RMSNorm / layernorm statistics, softmax) recomputes a cheap
         prologue at most that often, which costs less than a kernel and a round trip."""
-        reuse = max((self._reuse(i) for u in consumers for i in self.units[u].members
-                     if self.ecg.nodes[i].mapping == M.MANY_TO_MANY), default=0)
-        if reuse <= REUSE_LIMIT:
+        if self._consumer_reuse(consumers, default=0) <= REUSE_LIMIT:
             return False
         return any(not self.ecg.nodes[i].quadrant.fixed
                    for u in producers for i in self.units[u].members)
@@ -373,9 +371,12 @@ class Planner:
         recomputations, less than a kernel and a round trip: green there, red elsewhere."""
         if (first, second) != (M.ONE_TO_MANY, M.MANY_TO_MANY):
             return False
-        reuse = max((self._reuse(i) for u in consumers for i in self.units[u].members
-                     if self.ecg.nodes[i].mapping == M.MANY_TO_MANY), default=float("inf"))
-        return reuse <= REUSE_LIMIT
+        return self._consumer_reuse(consumers, default=float("inf")) <= REUSE_LIMIT
+
+    def _consumer_reuse(self, consumers: set[int], default: float) -> float:
+        """The highest reuse among the many-to-many nodes of ``consumers`` (``default``: none)."""
+        return max((self._reuse(i) for u in consumers for i in self.units[u].members
+                    if self.ecg.nodes[i].mapping == M.MANY_TO_MANY), default=default)
 
     def _reuse(self, i: int) -> float:
         """How often the kernel of node ``i`` reads each element of its inputs, at most
@@ -564,8 +565,7 @@ def _fuse_ops_on(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
 def plan_function(mod: tvm.IRModule, func_name: str, cost, target, attention) -> tvm.IRModule:
     """``mod`` with ``func_name``'s bindings fused by DNNFusion's planner (``FusePlan``)."""
     func = mod[func_name]
-    if len(func.body.blocks) != 1 or not isinstance(func.body.blocks[0],
-                                                    relax.DataflowBlock):
+    if not is_single_block(func):
         return _fuse_ops_on(mod, func_name)  # control flow: leave it to TVM
     planner = make_planner(func, mod, cost, target, attention)
     ecg = planner.ecg

@@ -91,7 +91,7 @@ def measured_policy(target: Target | None, policy: str | None, env: str, verdict
     ``policy`` (else ``$env``, else ``measured``) is ``always``, ``never`` or ``measured``: the
     ``opencl-texture`` entry of ``tir/matmul_configs.json`` saying ``verdict: buffer`` for the
     target's kind (``why(entry)`` words the measurement); a kind never measured packs."""
-    from ..tir.matmul import load_table, target_key
+    from ..tir.matmul import load_table, target_key, texture_key
 
     policy = policy or os.environ.get(env) or "measured"
     if policy not in POLICIES:
@@ -101,7 +101,7 @@ def measured_policy(target: Target | None, policy: str | None, env: str, verdict
     if policy == "never":
         return f"{env}=never"
     key = target_key(target) if target is not None else None
-    entry = load_table().get(f"{key}-texture", {}) if key else {}
+    entry = load_table().get(texture_key(key), {}) if key else {}
     return why(entry) if entry.get(verdict) == "buffer" else None
 
 
