@@ -144,3 +144,21 @@ def test_tune_schedules_on_pocl_writes_a_table_and_reuses_its_measurements(tmp_p
     capsys.readouterr()
     assert cli.main(["tune-schedules", "--target", "llvm"]) == 2
     assert "texture" in capsys.readouterr().err
+    assert cli.main(["tune-schedules", "--population", "1"]) == 2
+    assert "--population 2 or more" in capsys.readouterr().err
+
+
+def test_tune_schedules_names_a_bad_table_in_one_line(tmp_path, monkeypatch, capsys):
+    bad = json.loads(json.dumps(load_table()))
+    bad["opencl-texture"]["rules"] = {"TextureElementwise": {"blocks": 3}}
+    (tmp_path / "t.json").write_text(json.dumps(bad))
+    monkeypatch.setenv("TVM_SMARTMEM_MATMUL_CONFIGS", str(tmp_path / "t.json"))
+    load_table.cache_clear()
+    try:
+        assert cli.main(["tune-schedules"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "TextureElementwise.blocks" in err
+        assert "Traceback" not in err
+    finally:
+        monkeypatch.delenv("TVM_SMARTMEM_MATMUL_CONFIGS")
+        load_table.cache_clear()

@@ -266,6 +266,13 @@ def cmd_tune_schedules(args: argparse.Namespace) -> int:
         raise SmartMemError(
             f"tune-schedules searches the knobs of the texture rules of a desktop OpenCL "
             f"texture target (opencl-texture); '{args.target}' has none to search")
+    if args.population < 2 or args.generations < 1:
+        raise SmartMemError("tune-schedules needs --population 2 or more and --generations 1 "
+                            f"or more (got {args.population} and {args.generations})")
+    try:
+        table = json.loads(json.dumps(load_table()))
+    except ValueError as err:  # a hand-edited table: name the problem, no traceback
+        raise SmartMemError(str(err)) from None
     device = args.device or targets.device_of(tgt)
     args.meta_device = targets.device_of(tgt)
     runner = _runner_for(device, args)
@@ -276,7 +283,6 @@ def cmd_tune_schedules(args: argparse.Namespace) -> int:
         inputs = models.random_inputs(proto, seed=args.seed)
         workloads.append(ks.Workload(name, mod, params, list(inputs.values()),
                                      numerics.onnxruntime_reference(proto, inputs)))
-    table = json.loads(json.dumps(load_table()))
     start = ks.start_point(table, key)
     db_path = Path(args.db) if args.db else default_path()
     db = ProfileDB(db_path)
