@@ -22,7 +22,12 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 
 
 def apply_rules(func: tirx.PrimFunc, target, rules) -> tuple[tirx.PrimFunc | None, str | None]:
-    """(scheduled function, rule name) from the first rule that applies without raising."""
+    """(scheduled function, rule name) from the first rule that applies without raising.
+    Reductions over one element are made spatial first (``tir.unit_reduction``: dlight
+    applies an epilogue twice to them)."""
+    from .unit_reduction import spatial_unit_reductions
+
+    func, _ = spatial_unit_reductions(func)
     for rule in rules:
         try:
             space = rule.apply(func, target, False)
