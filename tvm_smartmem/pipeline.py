@@ -19,7 +19,8 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
     fuse                FusePlan (DNNFusion planner, attention chains glued on GPUs; FuseOps
                         for the baseline), then FuseTIR
     tir                 InlineDataMovement, SimplifyIndices, then dlight schedules with ours
-                        in front (FusedAttention, TunedMatmul, LongRowReduction)
+                        in front (FusedAttention, TunedMatmul, LongRowReduction,
+                        RowReductionWithSideOutputs)
                         (+ PackActivationsToTexture before and LowerTextureAccess after the
                         schedules on texture targets; BlockedReductions on CPUs)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
@@ -142,7 +143,10 @@ def fuse_passes(target: Target, smartmem: bool = True,
         # attentions become one kernel on GPU targets (FusePlan's default), where the
         # FusedAttention rule schedules them, unless that rule is disabled
         attention = False if "FusedAttention" in disable else None
-        return [FusePlan(target, profile_db=pipeline_db(), attention=attention),
+        # normalisations that also store their prologue, unless the rule for them is disabled
+        side_outputs = False if "RowReductionWithSideOutputs" in disable else None
+        return [FusePlan(target, profile_db=pipeline_db(), attention=attention,
+                         side_outputs=side_outputs),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination()]
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
@@ -196,7 +200,7 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
                    "TunedMatmul", "LongRowReduction", "FusedAttention",
-                   "PackActivationsToTexture", "SplitKMatmul")
+                   "PackActivationsToTexture", "SplitKMatmul", "RowReductionWithSideOutputs")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -210,7 +214,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
-    "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul"),
+    "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul",
+                 "RowReductionWithSideOutputs"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
@@ -231,7 +236,7 @@ def only_stages(spec: str) -> tuple[str, ...]:
 
 
 def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = False,
-                  attention: bool = False) -> list:
+                  attention: bool = False, side_outputs: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
     from .tir.matmul import TunedMatmul
@@ -243,6 +248,10 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
         from .tir.schedules import LongRowReduction
 
         rules.insert(3, LongRowReduction())
+    if side_outputs:  # normalisations that also store their prologue (FusePlan makes them)
+        from .tir.row_reduction import RowReductionWithSideOutputs
+
+        rules.insert(2, RowReductionWithSideOutputs())
     if texture:  # kernels touching images first; the buffer rules take the rest
         from .tir.schedules import (
             TextureElementwise,
@@ -271,7 +280,8 @@ def gpu_rules(disable: frozenset = frozenset(), texture: bool = False) -> list:
     """The smartmem pipeline's schedule rules, in the order they are tried."""
     return _dlight_rules(tuned="TunedMatmul" not in disable,
                          long_rows="LongRowReduction" not in disable,
-                         attention="FusedAttention" not in disable, texture=texture)
+                         attention="FusedAttention" not in disable, texture=texture,
+                         side_outputs="RowReductionWithSideOutputs" not in disable)
 
 
 def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tvm.transform.Pass:

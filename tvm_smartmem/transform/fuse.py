@@ -17,8 +17,9 @@ Green fuses, red never does, yellow asks the cost layer (``tvm_smartmem.cost``: 
 latencies from the profile database, else the xgboost model trained on it, else an analytic
 estimate) and records where the answer came from.  Every addition must keep the block legal:
 convex (no path leaves the block and comes back), at most one output when the block holds a
-many-to-many operator (the schedule rules expect that), and within the target's kernel-argument
-limit.
+many-to-many operator (the schedule rules expect that) -- except a normalisation that also
+stores its prologue, such as a pre-LN residual stream (``Planner._row_side_outputs``, scheduled
+by ``tir.row_reduction``) -- and within the target's kernel-argument limit.
 
 Layout decisions of ``EliminateLayoutTransforms`` are honoured first: a fixed-layout operator
 marked ``consumer`` / ``producer`` is glued to that neighbour before planning, so the planner
@@ -260,8 +261,10 @@ class Planner:
     """Listing 1 of DNNFusion over units of an ECG."""
 
     def __init__(self, ecg: ECG, units: list[Unit], unit_of: list[int], cost, target,
-                 max_args: int = 64, max_units: int = 48, mod: tvm.IRModule | None = None):
+                 max_args: int = 64, max_units: int = 48, mod: tvm.IRModule | None = None,
+                 side_outputs: bool = False):
         self.ecg, self.units, self.unit_of = ecg, units, unit_of
+        self.side_outputs = side_outputs
         self.mod = mod
         self.cost, self.target = cost, target
         self.max_args, self.max_units = max_args, max_units
@@ -347,9 +350,45 @@ class Planner:
             return False
         if sum(self.units[u].mtm for u in block) > 1:
             return False
-        if any(self.units[u].mtm for u in block) and self._outputs(block) > 1:
+        if any(self.units[u].mtm for u in block) and self._outputs(block) > 1 and \
+                not self._row_side_outputs(block):
             return False
         return self._inputs(block) + self._outputs(block) <= self.max_args
+
+    def _row_side_outputs(self, block: set[int]) -> bool:
+        """May the block write, besides its result, tensors of its normalisation's prologue?
+
+        A pre-LN transformer adds each sublayer's output to the residual stream and normalises
+        the sum; the sum is read again by the next residual add, so a kernel that normalises it
+        must also write it.  ``tir.row_reduction.RowReductionWithSideOutputs`` schedules exactly
+        that: a row normalisation (reuse at most ``REUSE_LIMIT``) whose prologue values shaped
+        like its input are also stored.  Anything else with several
+        outputs stays illegal (the matmul / conv rules expect one)."""
+        if not self.side_outputs:
+            return False
+        nodes = self.ecg.nodes
+        members = self._members(block)
+        mtm = [i for i in members if nodes[i].mapping == M.MANY_TO_MANY]
+        if len(mtm) != 1 or self._reuse(mtm[0]) > REUSE_LIMIT:
+            return False
+        norm = nodes[mtm[0]]
+        prologue: set[int] = set()
+        stack = [p for p in norm.preds if p in members]
+        while stack:
+            i = stack.pop()
+            if i not in prologue:
+                prologue.add(i)
+                stack.extend(p for p in nodes[i].preds if p in members)
+        outputs = [i for i in members if nodes[i].is_output
+                   or any(s not in members for s in nodes[i].succs)]
+        side = [i for i in outputs if i in prologue]
+        if len(outputs) - len(side) != 1 or len(side) > MAX_SIDE_OUTPUTS:
+            return False
+        # the rows the normalisation reduces: its input's shape (a layernorm's output has it
+        # too; a decomposed RMSNorm's ``mean`` keeps only the row axes)
+        rows = {nodes[p].shape for p in norm.preds if p in members and _static(nodes[p].shape)}
+        return all(nodes[i].n_outputs == 1 and nodes[i].shape in rows
+                   and nodes[i].dtype == norm.dtype for i in side)
 
     def _prologue_compute(self, producers: set[int], consumers: set[int]) -> bool:
         """Producers that compute (not only move data) flowing into a many-to-many consumer
@@ -470,6 +509,8 @@ class Planner:
 
 
 REUSE_LIMIT = 4
+#: Prologue tensors a normalisation kernel may store besides its result (``_row_side_outputs``).
+MAX_SIDE_OUTPUTS = 2
 
 
 def operand_reuse(func) -> float:
@@ -508,23 +549,28 @@ def operand_reuse(func) -> float:
 
 
 def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
-                 attention: bool | None = None) -> Planner:
+                 attention: bool | None = None, side_outputs: bool | None = None) -> Planner:
     """The planner for a legalised, layout-planned function (``FusePlan`` and ``tune`` share
     it, so tuning profiles exactly the candidates the pass will ask about).  ``attention``:
-    glue attention chains (default: on GPU targets, where ``FusedAttention`` schedules them)."""
+    glue attention chains (default: on GPU targets, where ``FusedAttention`` schedules them).
+    ``side_outputs``: let a normalisation kernel also store its prologue (default: on, except
+    on texture targets, whose rules write one image per kernel)."""
     if attention is None:
         attention = target is not None and target.kind.name != "llvm"
+    if side_outputs is None:
+        side_outputs = target is None or "texture" not in target.keys
     ecg = build_ecg(func, mod)
     chains = attention_chains(ecg, mod, target) if attention else []
     units, unit_of = build_units(ecg, layout_plan(func), chains)
     max_args = int(target.attrs.get("max_function_args", 128)) // 2 if target is not None and \
         "max_function_args" in target.attrs else 64
-    return Planner(ecg, units, unit_of, cost, target, max_args=max_args, mod=mod)
+    return Planner(ecg, units, unit_of, cost, target, max_args=max_args, mod=mod,
+                   side_outputs=side_outputs)
 
 
 def FusePlan(
     target: tvm.target.Target | None = None, profile_db=None, func_name: str | None = None,
-    attention: bool | None = None,
+    attention: bool | None = None, side_outputs: bool | None = None,
 ) -> tvm.transform.Pass:
     """DNNFusion's planner; replaces ``FuseOps`` in the smartmem pipeline (``FuseTIR`` follows).
 
@@ -533,7 +579,9 @@ def FusePlan(
     Every graph function is planned (or ``func_name`` alone); the decisions are recorded on
     each as ``smartmem.fusion_decisions``.  Attentions are
     glued into one kernel on GPU targets unless ``attention=False`` (for schedules without the
-    ``FusedAttention`` rule); ``attention=True`` forces it.
+    ``FusedAttention`` rule); ``attention=True`` forces it.  A normalisation may store its
+    prologue besides its result (pre-LN residual streams) unless ``side_outputs=False`` (for
+    schedules without ``RowReductionWithSideOutputs``; default: not on texture targets).
     """
     from ..cost import CostLayer
 
@@ -542,7 +590,8 @@ def FusePlan(
         tgt = target or tvm.target.Target.current(allow_none=True)
         cost = CostLayer.of(profile_db)
         return for_each_function(
-            mod, func_name, lambda m, name: plan_function(m, name, cost, tgt, attention))
+            mod, func_name, lambda m, name: plan_function(m, name, cost, tgt, attention,
+                                                          side_outputs))
 
     return _pass
 
@@ -562,12 +611,13 @@ def _fuse_ops_on(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
     return out
 
 
-def plan_function(mod: tvm.IRModule, func_name: str, cost, target, attention) -> tvm.IRModule:
+def plan_function(mod: tvm.IRModule, func_name: str, cost, target, attention,
+                  side_outputs: bool | None = None) -> tvm.IRModule:
     """``mod`` with ``func_name``'s bindings fused by DNNFusion's planner (``FusePlan``)."""
     func = mod[func_name]
     if not is_single_block(func):
         return _fuse_ops_on(mod, func_name)  # control flow: leave it to TVM
-    planner = make_planner(func, mod, cost, target, attention)
+    planner = make_planner(func, mod, cost, target, attention, side_outputs)
     ecg = planner.ecg
     blocks = [g for g in planner.run() if len(g) > 1]
     groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]
