@@ -99,7 +99,8 @@ def test_stage_selection():
     assert only_stages("fusion+layout+tir+rewrite+weights") == ("TunedMatmul",
                                                                  "LongRowReduction",
                                                                  "FusedAttention",
-                                                                 "SplitKMatmul")
+                                                                 "SplitKMatmul",
+                                                                 "RowReductionWithSideOutputs")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")

@@ -204,8 +204,11 @@ def test_models_through_the_texture_pipeline_match_onnxruntime(dev, name, packed
     kernels = smartmem_pipeline(TEXTURE, phases=UP_TO_KERNELS)(mod)
     record = texture_weights_of(kernels["main"])
     assert record["packed"] == packed and record["kept"] == {}
+    # the kernels of the buffer build, but for the normalisations that store their prologue
+    # too (texture targets keep one output per normalisation kernel)
     assert collect(kernels).kernels == collect(
-        smartmem_pipeline(targets.get("opencl"), phases=UP_TO_KERNELS)(mod)).kernels
+        smartmem_pipeline(targets.get("opencl"), phases=UP_TO_KERNELS,
+                          disable=("RowReductionWithSideOutputs",))(mod)).kernels
     ex = tvm.compile(mod, TEXTURE, relax_pipeline="smartmem")
     inputs = models.random_inputs(model, seed=5)
     outs = run_vm(ex, list(inputs.values()), dev=dev, params=params)

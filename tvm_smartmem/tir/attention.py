@@ -159,6 +159,10 @@ def _shapes_ok(sch, names, reductions, probs, epilogue) -> bool:
 class FusedAttention(dl.ScheduleRule):
     """Schedule a fused attention kernel (see module doc); decline anything else."""
 
+    #: a head dimension of one is still the scores' reduction here (its own blocks, no dlight
+    #: inlining): ``ApplyScheduleRules`` hands this rule the kernel as FuseTIR made it
+    keeps_unit_reductions = True
+
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
             return None

@@ -24,13 +24,16 @@ def _is_scheduled(func: tirx.PrimFunc) -> bool:
 def apply_rules(func: tirx.PrimFunc, target, rules) -> tuple[tirx.PrimFunc | None, str | None]:
     """(scheduled function, rule name) from the first rule that applies without raising.
     Reductions over one element are made spatial first (``tir.unit_reduction``: dlight
-    applies an epilogue twice to them)."""
+    applies an epilogue twice to them), except for rules that declare
+    ``keeps_unit_reductions`` (``FusedAttention`` recognises a head dimension of one as the
+    reduction it is)."""
     from .unit_reduction import spatial_unit_reductions
 
-    func, _ = spatial_unit_reductions(func)
+    spatial, _ = spatial_unit_reductions(func)
     for rule in rules:
+        given = func if getattr(rule, "keeps_unit_reductions", False) else spatial
         try:
-            space = rule.apply(func, target, False)
+            space = rule.apply(given, target, False)
         except Exception:  # an assumption of the rule does not hold here: next rule
             continue
         if space is None:

@@ -23,7 +23,6 @@ rule                        rewrite                                          pro
 ``reciprocal_sqrt``         ``x / sqrt(y) -> x * rsqrt(y)``; ``x / c -> x * (1/c)``  --
 ``small_power``             ``x ** 2 -> x * x``, ``x ** 3``, ``x ** 0.5 -> sqrt(x)``  --
 ``double_negation``         ``-(-x) -> x``                                    --
-``unit_contraction``        ``a[.., m, 1] @ b[.., 1, n] -> a * b``            sum of one term
 ==========================  ===============================================  ================
 
 FLOPs are counted per output element with weights for the expensive operations (division and
@@ -512,27 +511,10 @@ def double_negation(call: relax.Call, ctx: Context) -> Rewrite | None:
     return Rewrite("double_negation", 2 * (numel(call) or 1), inner.args[0], (call.args[0],))
 
 
-def unit_contraction(call: relax.Call, ctx: Context) -> Rewrite | None:
-    """A matmul over a contraction of length one is an outer product: each output is a single
-    product, so the broadcast multiply is exact (and a one-to-many operator the planner can
-    fuse).  It also keeps a reduction with only unit loops away from dlight's ``Fallback``,
-    which inlines an epilogue into such a block twice (``(x @ w) + x`` came out as
-    ``x * w + 2x`` on every GPU target, TVM's own pipeline included)."""
-    if op_of(call) != "relax.matmul" or call.attrs.out_dtype not in ("", None):
-        return None
-    a, b = call.args
-    sa, sb = shape_of(a), shape_of(b)
-    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2 or sa[-1] != 1 or sb[-2] != 1:
-        return None
-    if dtype_of(a) != dtype_of(b):
-        return None
-    return Rewrite("unit_contraction", numel(call) or 1, relax.op.multiply(a, b))
-
-
 RULES: tuple[Rule, ...] = (permute_chain, reshape_chain, reshape_through_matmul,
                            reshape_into_matmul, scalar_through_matmul, scale_to_producer,
                            factor_common, group_small_operands, exp_product, reciprocal_sqrt,
-                           small_power, double_negation, unit_contraction)
+                           small_power, double_negation)
 
 
 # -- driver -----------------------------------------------------------------------------------
