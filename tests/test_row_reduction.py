@@ -219,3 +219,39 @@ def test_threads_cover_the_row_between_a_warp_and_the_widest_block():
 
 def test_the_ablation_names_the_rule():
     assert RULE in SMARTMEM_PASSES
+
+
+def test_at_most_two_side_outputs_per_normalisation_and_values_kept():
+    """Three prologue tensors read elsewhere: no kernel stores more than the normalisation's
+    result and two of them (``MAX_SIDE_OUTPUTS``), and the CPU build still matches numpy."""
+    from tvm_smartmem.transform.fuse import MAX_SIDE_OUTPUTS
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.add(x, relax.const(1.0, "float32")))
+            b = bb.emit(relax.op.multiply(a, relax.const(2.0, "float32")))
+            c = bb.emit(relax.op.add(b, relax.const(3.0, "float32")))
+            z = bb.emit(relax.op.nn.softmax(c, axis=-1))
+            out = bb.emit_output(relax.Tuple([z, a, b, c]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    cuda = targets.get("cuda")
+    with cuda:
+        lowered = smartmem_pipeline(cuda, phases=UP_TO_KERNELS)(mod)
+    widths = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and \
+                e.op.name == "relax.call_tir":
+            ret = e.ty
+            widths.append(len(ret.fields) if isinstance(ret, relax.TupleType) else 1)
+
+    relax.analysis.post_order_visit(lowered["main"].body, visit)
+    assert max(widths) == 1 + MAX_SIDE_OUTPUTS  # the limit is reached, not exceeded
+    xs = np.random.default_rng(3).standard_normal((4, 64)).astype("float32")
+    ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))
+    a_, c_ = xs + 1, (xs + 1) * 2 + 3
+    e = np.exp(c_ - c_.max(-1, keepdims=True))
+    assert_matches(run_vm(ex, [xs]), [e / e.sum(-1, keepdims=True), a_, a_ * 2, c_])
