@@ -255,3 +255,43 @@ def test_at_most_two_side_outputs_per_normalisation_and_values_kept():
     a_, c_ = xs + 1, (xs + 1) * 2 + 3
     e = np.exp(c_ - c_.max(-1, keepdims=True))
     assert_matches(run_vm(ex, [xs]), [e / e.sum(-1, keepdims=True), a_, a_ * 2, c_])
+
+
+def _output_widths(mod, target) -> list[int]:
+    with target:
+        lowered = smartmem_pipeline(target, phases=UP_TO_KERNELS)(mod)
+    widths = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and \
+                e.op.name == "relax.call_tir":
+            widths.append(len(e.ty.fields) if isinstance(e.ty, relax.TupleType) else 1)
+
+    relax.analysis.post_order_visit(lowered["main"].body, visit)
+    return widths
+
+
+def test_a_reduction_that_shrinks_its_rows_never_stores_its_prologue():
+    """An SE block's squeeze: ``s = x * sigmoid(x)`` and the channel means of ``s``, both read
+    later.  Storing ``s`` from the squeeze's kernel would be legal for the rule but is not a
+    normalisation's residual stream: in a network the swish belongs in its producer's epilogue
+    (EfficientNet's depthwise convolutions lost it to the squeeze, one more pass over ``s``),
+    so no kernel here has two outputs."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 32, 7, 7), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.multiply(x, relax.op.sigmoid(x)))
+            m = bb.emit(relax.op.mean(s, axis=[2, 3], keepdims=True))
+            out = bb.emit_output(relax.Tuple([m, s]))
+        bb.emit_func_output(out)
+    assert max(_output_widths(bb.get(), targets.get("cuda"))) == 1
+
+
+def test_rows_too_long_for_shared_memory_are_not_planned_with_side_outputs(monkeypatch):
+    """A pre-LN block whose rows (16384 floats) would not fit the rule's shared-memory cache:
+    the sum stays a kernel of its own on GPU targets rather than falling to ``Fallback``."""
+    monkeypatch.setenv(split_k.ENV, "4")
+    mod = _pre_ln(m=8, k=512, n=16384)
+    assert max(_output_widths(mod, OPENCL)) == 1
+    assert max(_output_widths(_pre_ln(m=8, k=512, n=1024), OPENCL)) == 2

@@ -361,8 +361,11 @@ class Planner:
         A pre-LN transformer adds each sublayer's output to the residual stream and normalises
         the sum; the sum is read again by the next residual add, so a kernel that normalises it
         must also write it.  ``tir.row_reduction.RowReductionWithSideOutputs`` schedules exactly
-        that: a row normalisation (reuse at most ``REUSE_LIMIT``) whose prologue values shaped
-        like its input are also stored.  Anything else with several
+        that: a row normalisation (reuse at most ``REUSE_LIMIT``) whose result and stored
+        prologue values are shaped like the rows it normalises, with the stored rows fitting in
+        shared memory on GPU targets.  A reduction that shrinks its rows (a global pool, an SE
+        block's squeeze) never stores its prologue: the prologue belongs in its producer's
+        epilogue, where it costs no extra pass over the tensor.  Anything else with several
         outputs stays illegal (the matmul / conv rules expect one)."""
         if not self.side_outputs:
             return False
@@ -382,13 +385,35 @@ class Planner:
         outputs = [i for i in members if nodes[i].is_output
                    or any(s not in members for s in nodes[i].succs)]
         side = [i for i in outputs if i in prologue]
-        if len(outputs) - len(side) != 1 or len(side) > MAX_SIDE_OUTPUTS:
+        results = [i for i in outputs if i not in prologue]
+        if len(results) != 1 or not side or len(side) > MAX_SIDE_OUTPUTS:
             return False
-        # the rows the normalisation reduces: its input's shape (a layernorm's output has it
-        # too; a decomposed RMSNorm's ``mean`` keeps only the row axes)
-        rows = {nodes[p].shape for p in norm.preds if p in members and _static(nodes[p].shape)}
-        return all(nodes[i].n_outputs == 1 and nodes[i].shape in rows
-                   and nodes[i].dtype == norm.dtype for i in side)
+        rows = nodes[results[0]].shape
+        if not _static(rows) or any(nodes[i].n_outputs != 1 or nodes[i].shape != rows
+                                    or nodes[i].dtype != norm.dtype for i in side):
+            return False
+        return self._side_rows_fit(mtm[0], len(side))
+
+    def _side_rows_fit(self, norm: int, count: int) -> bool:
+        """Do ``count`` stored rows of the normalisation fit in the shared memory the rule
+        caches them in (GPU targets; other targets do not schedule the kernel)?"""
+        if self.target is None or self.target.kind.name not in ("cuda", "opencl"):
+            return True
+        from ..tir.attention import shared_budget
+
+        func = _call_tir_func(self.ecg.nodes[norm], self.mod)
+        blocks = [b for b in prim_blocks(func) if any(
+            iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in b.iter_vars)] if func else []
+        if not blocks:
+            return False
+        row = 1
+        for iv in blocks[0].iter_vars:
+            if iv.iter_type == tvm.tirx.IterVar.CommReduce:
+                if not isinstance(iv.dom.extent, tvm.tirx.IntImm):
+                    return False
+                row *= int(iv.dom.extent)
+        itemsize = max(tvm.runtime.DataType(self.ecg.nodes[norm].dtype).bits // 8, 1)
+        return count * row * itemsize <= shared_budget(self.target) // 2
 
     def _prologue_compute(self, producers: set[int], consumers: set[int]) -> bool:
         """Producers that compute (not only move data) flowing into a many-to-many consumer
