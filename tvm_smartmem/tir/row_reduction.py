@@ -32,7 +32,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from .attention import shared_budget
-from .schedules import _row_shape, _unroll, texture_params
+from .schedules import _normalized_blocks, _row_shape, _unroll, texture_params
 
 
 def _row_threads(row: int, max_threads: int, widest: int) -> int:
@@ -61,14 +61,12 @@ def _writes_row_major(sch: s_tir.Schedule, info, extents: list[int]) -> bool:
     its buffer (unit axes aside)?  Then the buffer is rows outer, row inner, and a copy that
     iterates the buffer in order copies one row per thread block."""
     block = sch.get(info.block_rv)
-    region = block.writes[0].region
-    shape = [int(d) for d in block.writes[0].source.shape]
-    indices = [r.min for d, r in zip(shape, region, strict=True) if d != 1]
-    loop_vars = [iv.var for iv, e in zip(block.iter_vars, [int(iv.dom.extent)
-                                                          for iv in block.iter_vars], strict=True)
-                 if e != 1]
-    dims = [d for d in shape if d != 1]
-    return dims == [e for e in extents if e != 1] and len(indices) == len(loop_vars) and \
+    write = block.writes[0]
+    shape = [int(d) for d in write.source.shape]
+    indices = [r.min for d, r in zip(shape, write.region, strict=True) if d != 1]
+    loop_vars = [iv.var for iv in block.iter_vars if int(iv.dom.extent) != 1]
+    return [d for d in shape if d != 1] == [e for e in extents if e != 1] and \
+        len(indices) == len(loop_vars) and \
         all(i.same_as(v) for i, v in zip(indices, loop_vars, strict=True))
 
 
@@ -83,12 +81,7 @@ class RowReductionWithSideOutputs(dl.ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl") \
                 or texture_params(func):
             return None
-        from tvm.s_tir.dlight.analysis import normalize_prim_func
-        from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
-
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        infos = try_inline_contiguous_spatial(sch, infos) if infos else None
+        sch, infos = _normalized_blocks(func)
         if not infos:
             return None
         side = _leading_side_blocks(sch, infos, func)

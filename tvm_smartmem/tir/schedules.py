@@ -472,15 +472,21 @@ def _unroll(sch: s_tir.Schedule, loop) -> None:
     sch.annotate(loop, "pragma_unroll_explicit", 1)
 
 
-def _row_reduction(func: tirx.PrimFunc):
-    """(schedule, dlight block infos, :func:`_row_shape`) of a row-reduction kernel -- the
-    same ``S..SR..R`` reductions followed by an injective epilogue -- or None."""
+def _normalized_blocks(func: tirx.PrimFunc):
+    """(schedule, dlight block infos) of ``func`` with its spatial blocks inlined where they
+    can be, as dlight's reduction rules see it (infos None when dlight cannot analyse it)."""
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
-    infos = try_inline_contiguous_spatial(sch, infos) if infos else None
+    return sch, try_inline_contiguous_spatial(sch, infos) if infos else None
+
+
+def _row_reduction(func: tirx.PrimFunc):
+    """(schedule, dlight block infos, :func:`_row_shape`) of a row-reduction kernel -- the
+    same ``S..SR..R`` reductions followed by an injective epilogue -- or None."""
+    sch, infos = _normalized_blocks(func)
     if not infos or len(infos) < 2:
         return None
     shape = _row_shape(infos)
