@@ -184,6 +184,44 @@ def test_random_attentions_match_numpy(b, h, sq, sk, d, dv, mask, unit_view, see
     assert_matches(_run(mod, names, arrays, dev), [_reference(arrays, mask, scale)])
 
 
+def _shared_buffers(lowered) -> set[str]:
+    """Names of the attention kernel's shared-memory buffers."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and f.attrs is not None and
+               str(f.attrs.get("smartmem.schedule_rule", "")) == "FusedAttention"]
+    blocks: list = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
+    return {buf.name for b in blocks for buf in b.alloc_buffers if buf.scope() == "shared"}
+
+
+@pytest.mark.parametrize("sq,sk,d,dv,mask", [(50, 100, 32, 64, "keys"), (9, 33, 32, 32, "where"),
+                                             (3, 70, 16, 32, "none")])
+def test_staged_values_match_numpy(sq, sk, d, dv, mask, dev):
+    """Heads a multiple of 32 wide take V through shared memory, 32 keys at a time, each lane
+    accumulating dv / 32 consecutive outputs (a partial last key tile, a key count of one
+    tile plus one, fewer queries than rows): values within float32 tolerance, and the
+    kernel really holds the V tile."""
+    mod, names = _attention_module(1, 2, sq, sk, d, dv, mask, 0.3, False)
+    lowered = _lowered(mod, OPENCL)
+    assert _softmax_rules(lowered) == ["FusedAttention"]
+    assert {"k_shared", "v_shared"} <= _shared_buffers(lowered)
+    arrays = _inputs(1, 2, sq, sk, d, dv, mask, 3)
+    assert_matches(_run(mod, names, arrays, dev), [_reference(arrays, mask, 0.3)])
+
+
+def test_values_stay_in_global_memory_where_no_tile_fits():
+    """A head width that is not a multiple of 32, or a V tile that does not fit beside the
+    scores in PoCL's 16 KiB: V read from global memory as before."""
+    for d, dv, sk in ((16, 40, 64), (64, 64, 150)):
+        mod, _ = _attention_module(1, 1, 8, sk, d, dv, "none", 0.3, False)
+        assert "v_shared" not in _shared_buffers(_lowered(mod, OPENCL))
+    mod, _ = _attention_module(1, 1, 8, 150, 64, 64, "none", 0.3, False)
+    assert "v_shared" in _shared_buffers(_lowered(mod, CUDA))  # 32 KiB hold it
+
+
 def test_softmax_over_another_axis_is_not_glued(dev):
     """softmax over the query axis is not an attention: three kernels, still right."""
     mod, names = _attention_module(1, 2, 12, 12, 8, 8, "none", 0.5, False, softmax_axis=2)

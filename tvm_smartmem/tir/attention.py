@@ -15,7 +15,11 @@
 
 The rule gives each thread block ``rows`` query rows of one (batch, head): a ``rows x 32``
 thread block keeps the rows' scores and probabilities in shared memory, the two row statistics
-are warp reductions, and each thread accumulates ``ceil(D / 32)`` outputs in registers.  The
+are warp reductions, and each thread accumulates ``ceil(D / 32)`` outputs in registers.  Where
+the head is a multiple of 32 wide and a tile fits, ``K`` and ``V`` go through shared memory 32
+keys at a time, copied coalesced by the whole block, and each lane owns ``D / 32`` consecutive
+outputs so one probability read feeds all of them (read from global memory in the PV loop, as
+before, every row of the block -- one warp each -- fetched all of ``V`` again).  The
 score matrix never reaches global memory and three launches become one -- what SmartMem and
 DNNFusion count as one fused kernel, scheduled here without tensor cores (the sequences of the
 models we target are short: 50-200 tokens a head).
@@ -44,6 +48,8 @@ SHARED_BYTES = 32 * 1024
 #: Longest key sequence and widest head the rule takes.
 MAX_KEYS = 2048
 MAX_HEAD_DIM = 256
+#: Inner loops of at most this many steps are unrolled (the PV key tile, the head dimension).
+UNROLL = 256
 
 
 #: Longest key sequence for which FusePlan makes the attention one kernel.  Measured on the
@@ -163,6 +169,11 @@ class FusedAttention(dl.ScheduleRule):
     #: inlining): ``ApplyScheduleRules`` hands this rule the kernel as FuseTIR made it
     keeps_unit_reductions = True
 
+    def __init__(self, stage_values: bool = True):
+        #: stage V through shared memory 32 keys at a time where a tile fits (``False``: read
+        #: V from global memory in the PV loop, the kernel before that change, for comparison)
+        self.stage_values = stage_values
+
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
             return None
@@ -182,7 +193,18 @@ class FusedAttention(dl.ScheduleRule):
         depth = int(sch.get(found.scores).iter_vars[-1].dom.extent)
         tiles = len(key_reads) * LANES * (depth + 1) * itemsize
         cache_keys = 2 * keys * itemsize + tiles <= shared
-        rows = rows_per_block(keys, itemsize, threads, shared - tiles if cache_keys else shared)
+        left = shared - tiles if cache_keys else shared
+        texels = _writes_image(func)
+        if texels and head_dim % TEXEL:
+            return None
+        value_reads = _value_reads(sch, found.out, found.probs)
+        # V staged through shared memory where a tile of it fits beside one row of scores
+        stage_values = self.stage_values and not texels and value_reads is not None and \
+            head_dim % LANES == 0 and \
+            2 * keys * itemsize + _value_tile_bytes(head_dim, itemsize) <= left
+        if stage_values:
+            left -= _value_tile_bytes(head_dim, itemsize)
+        rows = rows_per_block(keys, itemsize, threads, left)
         n_batch = len(out.iter_vars) - 3
         queries = int(out.iter_vars[-3].dom.extent)
         while rows > max(queries, 1):  # no thread rows beyond the queries (a decode step: 1)
@@ -192,12 +214,15 @@ class FusedAttention(dl.ScheduleRule):
         loops = sch.get_loops(found.out)
         batch, i, e, j = loops[:n_batch], loops[n_batch], loops[n_batch + 1], loops[-1]
         io, ii = sch.split(i, [None, rows])
-        texels = _writes_image(func)
-        if texels and head_dim % TEXEL:
-            return None
         if texels:  # an image output: each lane owns whole texels (4 consecutive outputs)
             eo, ex, e4 = sch.split(e, [None, min(LANES, head_dim // TEXEL), TEXEL])
             sch.reorder(*batch, io, ii, ex, eo, e4, j)
+        elif stage_values:  # keys outside the lane's outputs: one P read serves all of them
+            # each lane owns head_dim / LANES consecutive outputs: one register array (the
+            # strided e = eo * LANES + lane would make it an interval covering other lanes')
+            ex, eo = sch.split(e, [LANES, None])
+            jo, ji = sch.split(j, [None, LANES])
+            sch.reorder(*batch, io, ii, ex, jo, ji, eo)
         else:
             eo, ex = sch.split(e, [None, LANES])
             sch.reorder(*batch, io, ii, ex, eo, j)
@@ -211,7 +236,11 @@ class FusedAttention(dl.ScheduleRule):
         acc = sch.cache_write(found.out, 0, "local")
         for name in _epilogue_names(sch):
             sch.reverse_compute_inline(sch.get_sblock(name))
-        sch.reverse_compute_at(acc, eo, preserve_unit_loops=True)
+        if stage_values:
+            sch.reverse_compute_at(acc, ex, preserve_unit_loops=True)
+            _stage_value_tiles(sch, found.out, value_reads, jo, rows)
+        else:
+            sch.reverse_compute_at(acc, eo, preserve_unit_loops=True)
         if texels:
             sch.vectorize(sch.get_loops(acc)[-1])
 
@@ -228,11 +257,46 @@ class FusedAttention(dl.ScheduleRule):
             # takes it for one thread and leaves out the barrier (a race on real GPUs)
             sch.set_scope(block, 0, "shared" if block is found.probs else "local")
         _schedule_scores(sch, found.scores, bx, key_reads if cache_keys else [], rows)
+        if stage_values:
+            # the sums in registers start from zero before their loops (no test per step),
+            # and the short inner loops unroll so each thread has its loads in flight at once
+            sch.decompose_reduction(found.out, jo)
+            sch.annotate(bx, "pragma_auto_unroll_max_step", UNROLL)
+            sch.annotate(bx, "pragma_unroll_explicit", 1)
         if texels:  # an epilogue that does not vectorise is staged in registers (or declined)
             from .schedules import stage_texture_writes
 
             return stage_texture_writes(sch)
         return sch
+
+
+def _value_reads(sch: s_tir.Schedule, out, probs) -> int | None:
+    """Index of the PV block's read of ``V`` (the one that is not the probabilities), when
+    there is exactly one such buffer read (``V`` itself, or its inlined prologue's input)."""
+    written = _written(sch, probs)
+    reads = [k for k, r in enumerate(sch.get(out).reads) if r.source not in written]
+    return reads[0] if len(reads) == 1 else None
+
+
+def _value_tile_bytes(head_dim: int, itemsize: int) -> int:
+    """Shared memory of one staged tile of ``V``: ``LANES`` keys by the head dimension, each
+    row padded by one word."""
+    return LANES * (head_dim + 1) * itemsize
+
+
+def _stage_value_tiles(sch: s_tir.Schedule, out, read: int, jo, rows: int) -> None:
+    """Copy ``LANES`` keys' rows of ``V`` to shared memory per step of the key loop, by the
+    whole block (coalesced): read from global memory, every row of the block (one warp each)
+    fetched all of ``V`` again and each thread waited on one load per key.  Copy and reads
+    both run along a row (lanes over the head dimension), so no padding is needed."""
+    tile = sch.cache_read(out, read, "shared")
+    sch.compute_at(tile, jo, preserve_unit_loops=True)
+    depth = [sch.get(lp).same_as(sch.get(jo)) for lp in sch.get_loops(tile)].index(True) + 1
+    loops = sch.get_loops(tile)[depth:]
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    _, ty, tx = sch.split(fused, [None, rows, LANES])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
 
 
 def _writes_image(func: tirx.PrimFunc) -> bool:
