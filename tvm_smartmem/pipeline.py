@@ -9,7 +9,7 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
 
     library_dispatch    sampling / sort-scan dispatch (TVM's own)
     graph               RecogniseNormalization, MathPropertyRewrite, RecogniseRoll,
-                        CombineParallelMatmuls,
+                        SinkLayoutThroughElementwise, CombineParallelMatmuls,
                         SelectLayouts (weights; PackWeightsToTexture on texture targets),
                         LiftWeightTransforms (-> main_transform_params, run once at load),
                         SplitKMatmul (GPU targets with a measured split policy),
@@ -84,6 +84,7 @@ def graph_passes(target: Target, smartmem: bool = True,
     from .transform.recognise_norm import RecogniseNormalization
     from .transform.recognise_roll import RecogniseRoll
     from .transform.select_layout import SelectLayouts
+    from .transform.sink_layout import SinkLayoutThroughElementwise
     from .transform.split_k import SplitKMatmul
     from .transform.split_to_slices import SplitToSlices
 
@@ -104,6 +105,7 @@ def graph_passes(target: Target, smartmem: bool = True,
         relayout = ("SelectLayouts", lambda: SelectLayouts(target))
     named = [("RecogniseNormalization", RecogniseNormalization),
              ("MathPropertyRewrite", MathPropertyRewrite), ("RecogniseRoll", RecogniseRoll),
+             ("SinkLayoutThroughElementwise", SinkLayoutThroughElementwise),
              ("CombineParallelMatmuls", CombineParallelMatmuls), relayout,
              ("LiftWeightTransforms", LiftWeightTransforms),
              ("SplitKMatmul", lambda: SplitKMatmul(target)),
@@ -193,7 +195,7 @@ def _enabled(named: list, disable: frozenset) -> list[tvm.transform.Pass]:
 
 #: Every smartmem pass that ``disable`` can name.
 SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRoll",
-                   "CombineParallelMatmuls",
+                   "SinkLayoutThroughElementwise", "CombineParallelMatmuls",
                    "SelectLayouts", "PackWeightsToTexture",
                    "LiftWeightTransforms",
                    "ClassifyOperators", "SplitToSlices",
@@ -211,7 +213,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll", "EliminateLayoutTransforms",
                "FusePlan", "PackActivationsToTexture"),
     "tir": ("InlineDataMovement", "SimplifyIndices", "BlockedReductions"),
-    "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
+    "rewrite": ("RecogniseNormalization", "MathPropertyRewrite", "SinkLayoutThroughElementwise"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
     "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul",
