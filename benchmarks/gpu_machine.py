@@ -534,15 +534,45 @@ def report(args: argparse.Namespace) -> None:
 
 def _speedup_pairs(builds: list[str]) -> dict[str, tuple[str, str]]:
     """label -> (reference build, our build): baseline vs smartmem per device that has both,
-    and for texture builds, textures over our own buffer build and over TVM's OpenCL."""
+    every other variant (``smartmem_<label>-<device>``, see ``merge``) vs the same device's
+    baseline, and for texture builds, textures over our own buffer build and over TVM's
+    OpenCL."""
     pairs = {b.split("-", 1)[1]: (b, "smartmem-" + b.split("-", 1)[1]) for b in builds
              if b.startswith("baseline-") and "smartmem-" + b.split("-", 1)[1] in builds}
+    for b in builds:
+        variant, _, device = b.partition("-")
+        if variant.startswith("smartmem_") and f"baseline-{device}" in builds:
+            pairs[f"{variant.removeprefix('smartmem_')} {device}"] = (f"baseline-{device}", b)
     if "smartmem-opencl-texture" in builds:
         if "smartmem-opencl" in builds:
             pairs["texture over buffers"] = ("smartmem-opencl", "smartmem-opencl-texture")
         if "baseline-opencl" in builds:
             pairs["texture over TVM opencl"] = ("baseline-opencl", "smartmem-opencl-texture")
     return pairs
+
+
+def merge(args: argparse.Namespace) -> None:
+    """Results of several bundles measured in one device call, as one file: ``path:label``
+    renames that file's ``smartmem-<device>`` builds to ``smartmem_<label>-<device>`` (an
+    earlier commit, an experiment), so that each variant is a column of its own and is
+    compared with the same call's baseline by ``report``."""
+    merged: dict = {}
+    for spec in args.results:
+        path, _, label = spec.partition(":")
+        data = json.loads(Path(path).read_text())
+        for key in ("manifest", "machine", "protocol"):
+            merged.setdefault(key, data[key])
+        if label:
+            merged.setdefault("variants", {})[label] = data["manifest"].get("git_commit")
+        for name, model in data["models"].items():
+            into = merged.setdefault("models", {}).setdefault(name, {"builds": {}})
+            for build, row in model.get("builds", {}).items():
+                pipeline, _, device = build.partition("-")
+                key = f"{pipeline}_{label}-{device}" if label and pipeline == "smartmem" \
+                    else build
+                into["builds"][key] = row
+    Path(args.out).write_text(json.dumps(merged, indent=2))
+    print(f"wrote {args.out}: {len(merged.get('models', {}))} models")
 
 
 def _speedup(model: dict, base: str, ours: str) -> float | None:
@@ -646,6 +676,11 @@ def main() -> None:
     m.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage 2: one model
     m.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(func=measure)
+    g = sub.add_parser("merge", help="several results files of one call as one (CPU machine)")
+    g.add_argument("results", nargs="+", help="gpu_results.json[:label] (label: rename that "
+                   "file's smartmem builds to smartmem_<label>)")
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=merge)
     r = sub.add_parser("report", help="tables and plot from gpu_results.json (CPU machine)")
     r.add_argument("--results", required=True)
     r.add_argument("--name", default="gpu_baseline")

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_machine.py on this machine: merging results of several bundles measured in one
+device call, and the speedup pairs the report computes from them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import gpu_machine as gm
+
+
+def _results(builds: dict[str, float], commit: str) -> dict:
+    return {"manifest": {"git_commit": commit, "tvm": "0.27"}, "machine": {"host": "h"},
+            "protocol": {"repeat": 1, "number": 1, "warmup": 0},
+            "models": {"m": {"builds": {b: {"median_ms": ms, "matches_onnxruntime": True,
+                                            "stats": {"kernels": 3}}
+                                        for b, ms in builds.items()}}}}
+
+
+def test_merge_renames_variants_and_pairs_them_with_the_same_baseline(tmp_path):
+    new = tmp_path / "new.json"
+    old = tmp_path / "old.json"
+    new.write_text(json.dumps(_results({"baseline-cuda": 4.0, "smartmem-cuda": 2.0}, "abc")))
+    old.write_text(json.dumps(_results({"smartmem-cuda": 2.5, "smartmem-opencl": 3.0}, "def")))
+    out = tmp_path / "merged.json"
+    gm.merge(argparse.Namespace(results=[str(new), f"{old}:def"], out=str(out)))
+    data = json.loads(out.read_text())
+    assert set(data["models"]["m"]["builds"]) == {"baseline-cuda", "smartmem-cuda",
+                                                 "smartmem_def-cuda", "smartmem_def-opencl"}
+    assert data["variants"] == {"def": "def"} and data["manifest"]["git_commit"] == "abc"
+    pairs = gm._speedup_pairs(sorted(data["models"]["m"]["builds"]))
+    # no opencl baseline: the opencl variant has nothing to be compared with
+    assert pairs == {"cuda": ("baseline-cuda", "smartmem-cuda"),
+                     "def cuda": ("baseline-cuda", "smartmem_def-cuda")}
+    model = data["models"]["m"]
+    assert gm._speedup(model, *pairs["cuda"]) == 2.0
+    assert gm._speedup(model, *pairs["def cuda"]) == 1.6
