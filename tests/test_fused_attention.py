@@ -222,6 +222,31 @@ def test_values_stay_in_global_memory_where_no_tile_fits():
     assert "v_shared" in _shared_buffers(_lowered(mod, CUDA))  # 32 KiB hold it
 
 
+def test_epilogue_reading_the_output_twice_matches_numpy(dev):
+    """A hardswish on the attention output (LeViT, once SinkLayoutThroughElementwise moves it
+    above the head merge) reads PV's result twice: one kernel that builds for CUDA and OpenCL
+    (it failed both with 'used before its definition') and matches numpy on PoCL."""
+    b, h, s, d = 1, 2, 16, 32
+    q, k, v = (relax.Var(n, relax.TensorType((b, h, s, d), "float32")) for n in "qkv")
+    bb = relax.BlockBuilder()
+    with bb.function("main", [q, k, v]):
+        with bb.dataflow():
+            sc = bb.emit(relax.op.matmul(q, relax.op.permute_dims(k, [0, 1, 3, 2])))
+            p = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.multiply(
+                sc, relax.const(0.3, "float32"))), axis=-1))
+            o = bb.emit(relax.op.matmul(p, v))
+            gate = bb.emit(relax.op.divide(bb.emit(relax.op.clip(bb.emit(relax.op.add(
+                o, relax.const(3.0, "float32"))), 0, 6)), relax.const(6.0, "float32")))
+            out = bb.emit_output(bb.emit(relax.op.multiply(o, gate)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert _softmax_rules(_lowered(mod, CUDA)) == ["FusedAttention"]
+    tvm.compile(mod, CUDA, relax_pipeline=smartmem_pipeline(CUDA))  # source only: no nvcc
+    arrays = {n: a * 2 for n, a in _inputs(b, h, s, s, d, d, "none", 5).items()}
+    o = _reference(arrays, "none", 0.3)
+    assert_matches(_run(mod, list("qkv"), arrays, dev), [o * np.clip(o + 3, 0, 6) / 6])
+
+
 def test_softmax_over_another_axis_is_not_glued(dev):
     """softmax over the query axis is not an attention: three kernels, still right."""
     mod, names = _attention_module(1, 2, 12, 12, 8, 8, "none", 0.5, False, softmax_axis=2)

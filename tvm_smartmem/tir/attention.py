@@ -234,8 +234,7 @@ class FusedAttention(dl.ScheduleRule):
         # output at a time (at the lane loop the strided outputs' region would be relaxed to
         # an interval covering other lanes' outputs) -- or one texel at a time into an image
         acc = sch.cache_write(found.out, 0, "local")
-        for name in _epilogue_names(sch):
-            sch.reverse_compute_inline(sch.get_sblock(name))
+        _inline_epilogue(sch, _epilogue_names(sch))
         if stage_values:
             sch.reverse_compute_at(acc, ex, preserve_unit_loops=True)
             _stage_value_tiles(sch, found.out, value_reads, jo, rows)
@@ -343,6 +342,19 @@ def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows
         sch.storage_align(tile, 0, axis=-2, factor=32, offset=1)
 
 
+def _inline_epilogue(sch: s_tir.Schedule, names: list[str]) -> None:
+    """The epilogue blocks folded into the write-back of PV: all but the last inlined into
+    their readers first, then the last (now the whole epilogue, reading PV's result and the
+    kernel's inputs only) into the write-back.  Reverse-inlining them one by one in order
+    breaks on an epilogue that reads PV's result twice (a hardswish, ``o * clip(o + 3, 0, 6)
+    / 6``): the first block inlined takes over the write-back, and the second reader of the
+    result is left reading a buffer nothing writes."""
+    for name in names[:-1]:
+        sch.compute_inline(sch.get_sblock(name))
+    if names:
+        sch.reverse_compute_inline(sch.get_sblock(names[-1]))
+
+
 def _epilogue_names(sch: s_tir.Schedule) -> list[str]:
     """Blocks after the register write-back of PV (spatial, applied to its result)."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -351,6 +363,6 @@ def _epilogue_names(sch: s_tir.Schedule) -> list[str]:
              if any(w.source.scope() == "local" for w in sch.get(b).writes)]
     if not local:
         return []
-    # the write-back block follows the local accumulation; epilogue blocks follow it, each
-    # inlined into the one before (in order: each reads its predecessor's result)
+    # the write-back block follows the local accumulation; epilogue blocks follow it (in
+    # dependence order, each reading PV's result and / or earlier epilogue blocks)
     return names[local[-1] + 2:]
