@@ -210,10 +210,11 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
 #: that ClassifyOperators attaches.
 STAGES: dict[str, tuple[str, ...]] = {
     "fusion": ("ClassifyOperators", "FusePlan"),
-    "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll", "EliminateLayoutTransforms",
-               "FusePlan", "PackActivationsToTexture"),
+    "layout": ("ClassifyOperators", "SplitToSlices", "RecogniseRoll",
+               "SinkLayoutThroughElementwise", "EliminateLayoutTransforms", "FusePlan",
+               "PackActivationsToTexture"),
     "tir": ("InlineDataMovement", "SimplifyIndices", "BlockedReductions"),
-    "rewrite": ("RecogniseNormalization", "MathPropertyRewrite", "SinkLayoutThroughElementwise"),
+    "rewrite": ("RecogniseNormalization", "MathPropertyRewrite"),
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
     "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul",
