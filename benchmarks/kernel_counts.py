@@ -9,6 +9,7 @@ module the pipeline compiles for ``--target`` (launches per inference, see
     tvm-smartmem zoo                                   # export the models once
     python benchmarks/kernel_counts.py --target cuda --check
     python benchmarks/kernel_counts.py --models swin_tiny,bert_base --name kc_try
+    python benchmarks/kernel_counts.py --target opencl --build   # also compile all the way
 
 Writes ``benchmarks/results/<name>.{json,md,png}`` (default name ``kernel_counts_<target>``).
 """
@@ -49,7 +50,23 @@ def _check_numerics(name: str) -> dict:
     return {"matches_onnxruntime": bool(ok), "max_error": float(err)}
 
 
-def measure(names: list[str], target_name: str, check: bool) -> dict:
+def _check_build(mod, target) -> dict:
+    """Compile the smartmem build for ``target`` all the way (CUDA keeps its source: no nvcc
+    needed), so a kernel that schedules but does not lower is caught here rather than on the
+    GPU machine -- the counts above stop at the scheduled kernels."""
+    import tvm
+
+    from tvm_smartmem.pipeline import smartmem_pipeline
+
+    try:
+        with target:
+            tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
+        return {"builds": True}
+    except Exception as exc:  # reported in the table: the counts of a model that fails are moot
+        return {"builds": False, "build_error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
+
+
+def measure(names: list[str], target_name: str, check: bool, build: bool = False) -> dict:
     from tvm_smartmem import frontend, targets, zoo
     from tvm_smartmem.analysis.stats import collect
     from tvm_smartmem.pipeline import baseline, smartmem_pipeline
@@ -64,6 +81,8 @@ def measure(names: list[str], target_name: str, check: bool) -> dict:
             with target:
                 row["baseline"] = collect(baseline(target)(mod)).summary()
                 row["smartmem"] = collect(smartmem_pipeline(target)(mod)).summary()
+            if build:
+                row.update(_check_build(mod, target))
             if check:
                 row.update(_check_numerics(name))
         except Exception as exc:  # one model failing must not lose the others; it is reported
@@ -79,8 +98,10 @@ def _line(row: dict) -> str:
     b, s = row["baseline"], row["smartmem"]
     num = "" if "matches_onnxruntime" not in row else (
         f", ORT {'ok' if row['matches_onnxruntime'] else 'MISMATCH'} {row['max_error']:.1e}")
+    built = "" if "builds" not in row else (
+        ", builds" if row["builds"] else f", BUILD FAILED {row['build_error'][-120:]}")
     return (f"kernels {b['kernels']} -> {s['kernels']}, data movement "
-            f"{b['data_movement_kernels']} -> {s['data_movement_kernels']}{num}")
+            f"{b['data_movement_kernels']} -> {s['data_movement_kernels']}{num}{built}")
 
 
 def _ratio(row: dict, key: str) -> float | None:
@@ -107,6 +128,9 @@ def write(data: dict, name: str) -> Path:
         b, s = row["baseline"], row["smartmem"]
         check = "not run" if "matches_onnxruntime" not in row else (
             f"{'ok' if row['matches_onnxruntime'] else 'MISMATCH'} ({row['max_error']:.0e})")
+        if "builds" in row:
+            check += f"; {data['target']} build " + (
+                "ok" if row["builds"] else f"FAILED: {row['build_error'][-60:]}")
         lines.append(f"| {model} | {row['family']} | {b['kernels']} | {s['kernels']} | "
                      f"{_ratio(row, 'kernels'):.2f} | {b['data_movement_kernels']} | "
                      f"{s['data_movement_kernels']} | {check} |")
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="all", help="comma list of zoo models (default: all)")
     p.add_argument("--target", default="cuda", help="target whose pipeline is counted")
     p.add_argument("--check", action="store_true", help="also check numerics against ORT (CPU)")
+    p.add_argument("--build", action="store_true",
+                   help="also compile the smartmem build for the target all the way")
     p.add_argument("--name", default=None, help="results file stem")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {"target": args.target, "git_commit": git_commit(), "tvm": tvm.__version__,
             "host": platform.node(),
             "command": "python benchmarks/kernel_counts.py " + " ".join(sys.argv[1:]),
-            "models": measure(names, args.target, args.check)}
+            "models": measure(names, args.target, args.check, args.build)}
     write(data, args.name or f"kernel_counts_{args.target}")
 
 
