@@ -222,6 +222,31 @@ def test_values_stay_in_global_memory_where_no_tile_fits():
     assert "v_shared" in _shared_buffers(_lowered(mod, CUDA))  # 32 KiB hold it
 
 
+def test_stage_values_knob_builds_the_earlier_kernel():
+    """FusedAttention(stage_values=False) -- the kernel the H100 measured -- reads V from global
+    memory; the default stages it (CUDA's 32 KiB hold the tile)."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    from tvm_smartmem.tir.attention import FusedAttention
+
+    mod, _ = _attention_module(1, 2, 8, 100, 64, 64, "none", 0.3, False)
+    with CUDA:
+        fused = smartmem_pipeline(CUDA, phases=("library_dispatch", "graph", "legalize",
+                                                 "layout", "fuse"))(mod)
+    (func,) = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+    def shared(rule) -> set[str]:
+        scheduled = rule.apply(func, CUDA, False).mod["main"]
+        blocks: list = []
+        tvm_ffi.structural_walk(scheduled.body, (s_tir.SBlock, blocks.append))
+        return {buf.name for b in blocks for buf in b.alloc_buffers if buf.scope() == "shared"}
+
+    assert "v_shared" in shared(FusedAttention())
+    assert "v_shared" not in shared(FusedAttention(stage_values=False))
+    assert "k_shared" in shared(FusedAttention(stage_values=False))
+
+
 def test_epilogue_reading_the_output_twice_matches_numpy(dev):
     """A hardswish on the attention output (LeViT, once SinkLayoutThroughElementwise moves it
     above the head merge) reads PV's result twice: one kernel that builds for CUDA and OpenCL
