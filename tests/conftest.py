@@ -34,6 +34,20 @@ def run_vm(ex, args: Sequence[np.ndarray], dev=None,
     return flatten_outputs(vm["main"](*up(args), *prepare_weights(vm, up(params))))
 
 
+def build_function(params: dict[str, tuple], body, dtype: str = "float32") -> tvm.IRModule:
+    """A ``main`` of one dataflow block over tensor parameters ``name -> shape``;
+    ``body(vars, emit)`` returns its result (graph passes are tested on such modules)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    vs = {n: relax.Var(n, relax.TensorType(s, dtype)) for n, s in params.items()}
+    with bb.function("main", list(vs.values())):
+        with bb.dataflow():
+            out = bb.emit_output(body(vs, bb.emit))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def assert_matches(outs: Sequence[np.ndarray], refs: Sequence[np.ndarray]) -> float:
     """Every output within the dtype's tolerance of ``numerics``; returns the worst error."""
     assert len(outs) == len(refs), f"{len(outs)} outputs vs {len(refs)} reference outputs"

@@ -223,18 +223,7 @@ def test_at_most_two_side_outputs_per_normalisation_and_values_kept():
             out = bb.emit_output(relax.Tuple([z, a, b, c]))
         bb.emit_func_output(out)
     mod = bb.get()
-    cuda = targets.get("cuda")
-    with cuda:
-        lowered = smartmem_pipeline(cuda, phases=UP_TO_KERNELS)(mod)
-    widths = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and \
-                e.op.name == "relax.call_tir":
-            ret = e.ty
-            widths.append(len(ret.fields) if isinstance(ret, relax.TupleType) else 1)
-
-    relax.analysis.post_order_visit(lowered["main"].body, visit)
+    widths = _output_widths(mod, targets.get("cuda"))
     assert max(widths) == 1 + MAX_SIDE_OUTPUTS  # the limit is reached, not exceeded
     xs = np.random.default_rng(3).standard_normal((4, 64)).astype("float32")
     ex = tvm.compile(mod, LLVM, relax_pipeline=smartmem_pipeline(LLVM))

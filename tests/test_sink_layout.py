@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import LLVM, assert_matches, run_vm
+from conftest import LLVM, assert_matches, build_function, run_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tvm import relax
@@ -24,13 +24,7 @@ OPENCL = targets.get("opencl")
 
 
 def _build(params: dict[str, tuple], body) -> tvm.IRModule:
-    bb = relax.BlockBuilder()
-    vs = {n: relax.Var(n, relax.TensorType(s, F32)) for n, s in params.items()}
-    with bb.function("main", list(vs.values())):
-        with bb.dataflow():
-            out = bb.emit_output(body(vs, bb.emit))
-        bb.emit_func_output(out)
-    return bb.get()
+    return build_function(params, body, F32)
 
 
 def _c(value, shape=()) -> relax.Expr:

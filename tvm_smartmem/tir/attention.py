@@ -278,8 +278,9 @@ def _value_reads(sch: s_tir.Schedule, out, probs) -> int | None:
 
 
 def _value_tile_bytes(head_dim: int, itemsize: int) -> int:
-    """Shared memory of one staged tile of ``V``: ``LANES`` keys by the head dimension, each
-    row padded by one word."""
+    """Shared memory budgeted for one staged tile of ``V``: ``LANES`` keys by the head
+    dimension, with a word per row to spare (counted as the padded K tile is; the copy itself
+    is not padded)."""
     return LANES * (head_dim + 1) * itemsize
 
 
@@ -288,14 +289,7 @@ def _stage_value_tiles(sch: s_tir.Schedule, out, read: int, jo, rows: int) -> No
     whole block (coalesced): read from global memory, every row of the block (one warp each)
     fetched all of ``V`` again and each thread waited on one load per key.  Copy and reads
     both run along a row (lanes over the head dimension), so no padding is needed."""
-    tile = sch.cache_read(out, read, "shared")
-    sch.compute_at(tile, jo, preserve_unit_loops=True)
-    depth = [sch.get(lp).same_as(sch.get(jo)) for lp in sch.get_loops(tile)].index(True) + 1
-    loops = sch.get_loops(tile)[depth:]
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    _, ty, tx = sch.split(fused, [None, rows, LANES])
-    sch.bind(ty, "threadIdx.y")
-    sch.bind(tx, "threadIdx.x")
+    _stage_tile(sch, out, read, jo, rows)
 
 
 def _writes_image(func: tirx.PrimFunc) -> bool:
@@ -330,16 +324,24 @@ def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows
     # shared memory would need a barrier per step
     copy = sch.cache_write(scores, 0, "local")
     sch.reverse_compute_at(copy, lane, preserve_unit_loops=True)
-    depth = [sch.get(lp).same_as(sch.get(jo)) for lp in sch.get_loops(scores)].index(True) + 1
     for k in key_reads:
-        tile = sch.cache_read(scores, k, "shared")
-        sch.compute_at(tile, jo, preserve_unit_loops=True)
-        loops = sch.get_loops(tile)[depth:]
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        _, ty, tx = sch.split(fused, [None, rows, LANES])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
+        tile = _stage_tile(sch, scores, k, jo, rows)
         sch.storage_align(tile, 0, axis=-2, factor=32, offset=1)
+
+
+def _stage_tile(sch: s_tir.Schedule, block, read: int, loop, rows: int):
+    """``block``'s ``read`` copied to shared memory at each step of ``loop`` by the whole
+    thread block (``rows x LANES`` threads, consecutive lanes on consecutive elements);
+    returns the copy block."""
+    tile = sch.cache_read(block, read, "shared")
+    sch.compute_at(tile, loop, preserve_unit_loops=True)
+    depth = [sch.get(lp).same_as(sch.get(loop)) for lp in sch.get_loops(tile)].index(True) + 1
+    loops = sch.get_loops(tile)[depth:]
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    _, ty, tx = sch.split(fused, [None, rows, LANES])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    return tile
 
 
 def _inline_epilogue(sch: s_tir.Schedule, names: list[str]) -> None:

@@ -167,8 +167,8 @@ def sink_function(mod: tvm.IRModule, func_name: str = "main") -> tvm.IRModule:
     plans = _plan(block)
     if not plans:
         return mod
-    chain_of = {}  # region member -> its chain's calls; chain end -> its source var
-    source = {}
+    chain_of = {}  # region member -> (its chain's layout calls, its region)
+    source = {}  # chain end -> the var the chain starts from
     for chain, region in plans:
         calls = [block.bindings[i].value for i in chain]
         source[chain[-1]] = calls[0].args[0]
