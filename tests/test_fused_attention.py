@@ -306,6 +306,20 @@ def test_long_rows_stay_split_where_fusion_was_measured_to_lose():
         assert rules == (["FusedAttention"] if fused else ["GeneralReduction"])
 
 
+def test_key_limit_override(monkeypatch):
+    """TVM_SMARTMEM_ATTENTION_KEYS moves the measured limit (for building other choices to
+    measure); a value that is not a number is a clear error."""
+    from tvm_smartmem.errors import SmartMemError
+
+    monkeypatch.setenv("TVM_SMARTMEM_ATTENTION_KEYS", "256")
+    assert attention_pays(197) and not attention_pays(257)
+    mod, _ = _attention_module(1, 2, 8, 197, 16, 16, "none", 0.25, False)
+    assert _softmax_rules(_lowered(mod, CUDA)) == ["FusedAttention"]
+    monkeypatch.setenv("TVM_SMARTMEM_ATTENTION_KEYS", "many")
+    with pytest.raises(SmartMemError, match="TVM_SMARTMEM_ATTENTION_KEYS='many'"):
+        attention_pays(10)
+
+
 def test_rows_per_block_respects_shared_memory():
     assert rows_per_block(128) == 8
     assert rows_per_block(1024) == 4  # 2 buffers x 4 rows x 1024 keys x 4 bytes = 32 KiB

@@ -33,10 +33,12 @@ consecutive outputs of one row -- and writes them as one RGBA store.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from ..errors import SmartMemError
 from .texture import LANES as TEXEL  # values per texel (RGBA); LANES here is a warp's
 from .texture import is_texture
 
@@ -61,8 +63,19 @@ UNROLL = 256
 PROFITABLE_KEYS = 160
 
 
+#: Overrides ``PROFITABLE_KEYS`` (an integer), to build and measure other choices.
+KEYS_ENV = "TVM_SMARTMEM_ATTENTION_KEYS"
+
+
 def attention_pays(keys: int) -> bool:
     """Is one fused kernel measured to be faster than three for ``keys`` keys?"""
+    override = os.environ.get(KEYS_ENV)
+    if override is not None:
+        try:
+            return keys <= int(override)
+        except ValueError:
+            raise SmartMemError(f"{KEYS_ENV}={override!r}: expected an integer number of "
+                                "keys") from None
     return keys <= PROFITABLE_KEYS
 
 
