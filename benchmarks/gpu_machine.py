@@ -559,7 +559,13 @@ def merge(args: argparse.Namespace) -> None:
     merged: dict = {}
     for spec in args.results:
         path, _, label = spec.partition(":")
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+            if "models" not in data or "manifest" not in data:
+                raise KeyError("models / manifest")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"merge: {path} is not a gpu_results.json of `measure` "
+                             f"({type(exc).__name__}: {exc})") from None
         for key in ("manifest", "machine", "protocol"):
             merged.setdefault(key, data[key])
         if label:

@@ -39,3 +39,13 @@ def test_merge_renames_variants_and_pairs_them_with_the_same_baseline(tmp_path):
     model = data["models"]["m"]
     assert gm._speedup(model, *pairs["cuda"]) == 2.0
     assert gm._speedup(model, *pairs["def cuda"]) == 1.6
+
+
+def test_merge_names_a_file_that_is_not_a_results_file(tmp_path):
+    import pytest
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    for path in (bad, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit, match=r"is not a gpu_results\.json"):
+            gm.merge(argparse.Namespace(results=[str(path)], out=str(tmp_path / "m.json")))
