@@ -100,7 +100,8 @@ def test_stage_selection():
                                                                  "LongRowReduction",
                                                                  "FusedAttention",
                                                                  "SplitKMatmul",
-                                                                 "RowReductionWithSideOutputs")
+                                                                 "RowReductionWithSideOutputs",
+                                                                 "NormalisedMatmul")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")

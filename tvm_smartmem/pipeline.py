@@ -147,8 +147,11 @@ def fuse_passes(target: Target, smartmem: bool = True,
         attention = False if "FusedAttention" in disable else None
         # normalisations that also store their prologue, unless the rule for them is disabled
         side_outputs = False if "RowReductionWithSideOutputs" in disable else None
+        # a layernorm glued to the GEMM it feeds (TVM_SMARTMEM_NORM_PROLOGUE=on), unless the
+        # rule that schedules the pair is disabled
+        norm_prologue = False if "NormalisedMatmul" in disable else None
         return [FusePlan(target, profile_db=pipeline_db(), attention=attention,
-                         side_outputs=side_outputs),
+                         side_outputs=side_outputs, norm_prologue=norm_prologue),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination()]
     return [relax.transform.FuseOps(), relax.transform.FuseTIR()]
@@ -202,7 +205,8 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "EliminateLayoutTransforms",
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
                    "TunedMatmul", "LongRowReduction", "FusedAttention",
-                   "PackActivationsToTexture", "SplitKMatmul", "RowReductionWithSideOutputs")
+                   "PackActivationsToTexture", "SplitKMatmul", "RowReductionWithSideOutputs",
+                   "NormalisedMatmul")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -218,7 +222,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
     "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul",
-                 "RowReductionWithSideOutputs"),
+                 "RowReductionWithSideOutputs", "NormalisedMatmul"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
@@ -239,7 +243,8 @@ def only_stages(spec: str) -> tuple[str, ...]:
 
 
 def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = False,
-                  attention: bool = False, side_outputs: bool = False) -> list:
+                  attention: bool = False, side_outputs: bool = False,
+                  norm_prologue: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
     from .tir.matmul import TunedMatmul
@@ -265,6 +270,10 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
 
         rules = [TextureElementwise(), TextureMatmul(), TextureRowReduction(),
                  TextureFallback(), *rules]
+    if norm_prologue:  # a layernorm and the GEMM it feeds (FusePlan glued them for this rule)
+        from .tir.norm_matmul import NormalisedMatmul
+
+        rules.insert(0, NormalisedMatmul(gemm=matmul))
     if attention:  # fused attentions (FusePlan made them for this rule; images or buffers)
         from .tir.attention import FusedAttention
 
@@ -284,7 +293,8 @@ def gpu_rules(disable: frozenset = frozenset(), texture: bool = False) -> list:
     return _dlight_rules(tuned="TunedMatmul" not in disable,
                          long_rows="LongRowReduction" not in disable,
                          attention="FusedAttention" not in disable, texture=texture,
-                         side_outputs="RowReductionWithSideOutputs" not in disable)
+                         side_outputs="RowReductionWithSideOutputs" not in disable,
+                         norm_prologue="NormalisedMatmul" not in disable)
 
 
 def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tvm.transform.Pass:

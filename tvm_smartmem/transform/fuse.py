@@ -210,6 +210,59 @@ def attention_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[li
     return chains
 
 
+NORM_OPS = ("layer_norm", "rms_norm")
+#: Output widths the norm -> GEMM glue takes: a multiple of this.  One row is a GEMV (dlight's
+#: GEMV rule); some narrow widths (6, 10, 14 columns) leave dlight's padded GEMM tiles in a
+#: form where the statistics cannot be computed at the thread block -- projections are
+#: multiples of 16 wide in every zoo model.
+COLUMN_MULTIPLE = 16
+
+
+def _normalises_last(func, shape: tuple) -> bool:
+    """Is ``func`` (a legalised layernorm / RMSNorm) reducing only the last axis of ``shape``?
+    Each of its reductions then writes one value per row and runs over that axis -- the
+    per-row statistics ``NormalisedMatmul`` computes for a row tile."""
+    stats = [b for b in prim_blocks(func) if any(iv.iter_type == tvm.tirx.IterVar.CommReduce
+                                      for iv in b.iter_vars)]
+    for block in stats:
+        reduce = [iv for iv in block.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
+        if len(block.writes) != 1 or \
+                [int(d) for d in block.writes[0].source.shape] != list(shape[:-1]) or \
+                len(reduce) != 1 or not isinstance(reduce[0].dom.extent, tvm.tirx.IntImm) or \
+                int(reduce[0].dom.extent) != shape[-1]:
+            return False
+    return bool(stats)
+
+
+def norm_matmul_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[list[int]]:
+    """Pairs ``layernorm / RMSNorm (last axis) -> matmul`` where the normalised tensor is read
+    by nothing but the matmul's left operand (a pre-LN projection), with static shapes and rows
+    that ``NormalisedMatmul`` can split over its lanes: one kernel each.  One batch only (the
+    axes before the rows are 1, as in inference): the GEMM folds further batches into its
+    row tiles, where the statistics' rows can no longer be computed per tile."""
+    from ..tir.norm_matmul import norm_prologue_fits
+
+    chains = []
+    for norm in ecg:
+        if not any(norm.op.startswith(op) for op in NORM_OPS) or not _static(norm.shape) or \
+                len(norm.succs) != 1 or norm.is_output or len(norm.shape) < 2 or \
+                any(d != 1 for d in norm.shape[:-2]):
+            continue
+        func = _call_tir_func(norm, mod)
+        if func is None or not _normalises_last(func, norm.shape):
+            continue
+        mm = ecg.nodes[norm.succs[0]]
+        operands = mm.value.args[1].fields if _call_tir_func(mm, mod) is not None else []
+        if not mm.op.startswith("matmul") or len(operands) < 2 or \
+                not operands[0].same_as(norm.var) or \
+                any(o.same_as(norm.var) for o in operands[1:]) or not _static(mm.shape) or \
+                norm.shape[-2] < 2 or mm.shape[-1] % COLUMN_MULTIPLE or \
+                not norm_prologue_fits(norm.shape[-1], target):
+            continue
+        chains.append([norm.index, mm.index])
+    return chains
+
+
 def build_units(ecg: ECG, decisions: dict[str, str],
                 chains: list[list[int]] = ()) -> tuple[list[Unit], list[int]]:
     """Glue layout-eliminated operators to their chosen neighbours, and the nodes of each
@@ -574,18 +627,28 @@ def operand_reuse(func) -> float:
 
 
 def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
-                 attention: bool | None = None, side_outputs: bool | None = None) -> Planner:
+                 attention: bool | None = None, side_outputs: bool | None = None,
+                 norm_prologue: bool | None = None) -> Planner:
     """The planner for a legalised, layout-planned function (``FusePlan`` and ``tune`` share
     it, so tuning profiles exactly the candidates the pass will ask about).  ``attention``:
     glue attention chains (default: on GPU targets, where ``FusedAttention`` schedules them).
     ``side_outputs``: let a normalisation kernel also store its prologue (default: on, except
-    on texture targets, whose rules write one image per kernel)."""
+    on texture targets, whose rules write one image per kernel).  ``norm_prologue``: glue a
+    layernorm to the GEMM that alone reads it (default: ``TVM_SMARTMEM_NORM_PROLOGUE``, off;
+    GPU buffer targets only, where ``NormalisedMatmul`` schedules the pair)."""
+    if norm_prologue is None:
+        from ..tir.norm_matmul import norm_prologue_enabled
+
+        norm_prologue = norm_prologue_enabled()
     if attention is None:
         attention = target is not None and target.kind.name != "llvm"
     if side_outputs is None:
         side_outputs = target is None or "texture" not in target.keys
     ecg = build_ecg(func, mod)
     chains = attention_chains(ecg, mod, target) if attention else []
+    if norm_prologue:
+        glued = {i for chain in chains for i in chain}
+        chains += [c for c in norm_matmul_chains(ecg, mod, target) if not glued & set(c)]
     units, unit_of = build_units(ecg, layout_plan(func), chains)
     max_args = int(target.attrs.get("max_function_args", 128)) // 2 if target is not None and \
         "max_function_args" in target.attrs else 64
@@ -596,6 +659,7 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
 def FusePlan(
     target: tvm.target.Target | None = None, profile_db=None, func_name: str | None = None,
     attention: bool | None = None, side_outputs: bool | None = None,
+    norm_prologue: bool | None = None,
 ) -> tvm.transform.Pass:
     """DNNFusion's planner; replaces ``FuseOps`` in the smartmem pipeline (``FuseTIR`` follows).
 
@@ -607,6 +671,8 @@ def FusePlan(
     ``FusedAttention`` rule); ``attention=True`` forces it.  A normalisation may store its
     prologue besides its result (pre-LN residual streams) unless ``side_outputs=False`` (for
     schedules without ``RowReductionWithSideOutputs``; default: not on texture targets).
+    ``norm_prologue`` glues a layernorm to the GEMM that alone reads it (``NormalisedMatmul``;
+    default ``TVM_SMARTMEM_NORM_PROLOGUE``, off).
     """
     from ..cost import CostLayer
 
@@ -616,7 +682,7 @@ def FusePlan(
         cost = CostLayer.of(profile_db)
         return for_each_function(
             mod, func_name, lambda m, name: plan_function(m, name, cost, tgt, attention,
-                                                          side_outputs))
+                                                          side_outputs, norm_prologue))
 
     return _pass
 
@@ -637,12 +703,13 @@ def _fuse_ops_on(mod: tvm.IRModule, func_name: str) -> tvm.IRModule:
 
 
 def plan_function(mod: tvm.IRModule, func_name: str, cost, target, attention,
-                  side_outputs: bool | None = None) -> tvm.IRModule:
+                  side_outputs: bool | None = None,
+                  norm_prologue: bool | None = None) -> tvm.IRModule:
     """``mod`` with ``func_name``'s bindings fused by DNNFusion's planner (``FusePlan``)."""
     func = mod[func_name]
     if not is_single_block(func):
         return _fuse_ops_on(mod, func_name)  # control flow: leave it to TVM
-    planner = make_planner(func, mod, cost, target, attention, side_outputs)
+    planner = make_planner(func, mod, cost, target, attention, side_outputs, norm_prologue)
     ecg = planner.ecg
     blocks = [g for g in planner.run() if len(g) > 1]
     groups = [[ecg.nodes[i].var for i in sorted(g)] for g in blocks]

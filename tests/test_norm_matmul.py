@@ -1,0 +1,196 @@
+"""A layernorm computed inside the GEMM that reads it: FusePlan's norm -> matmul glue and the
+NormalisedMatmul schedule rule (``TVM_SMARTMEM_NORM_PROLOGUE=on``), run on PoCL against numpy
+and ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from conftest import assert_matches, build_function, run_vm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tvm import relax
+
+from tvm_smartmem import frontend, models, numerics, targets
+from tvm_smartmem.analysis.stats import collect
+from tvm_smartmem.errors import SmartMemError
+from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
+from tvm_smartmem.tir.norm_matmul import ENV, norm_prologue_enabled, norm_prologue_fits
+
+OPENCL = targets.get("opencl")
+CUDA = targets.get("cuda")
+F32 = "float32"
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """The glue on, split-K off: a GEMM split over K reads the norm through a reshape of its
+    partial operands, which is not glued (``test_split_gemms_are_left_alone``)."""
+    monkeypatch.setenv(ENV, "on")
+    monkeypatch.setenv("TVM_SMARTMEM_SPLIT_K", "off")
+
+
+def _lowered(mod, target, disable=()):
+    with target:
+        return smartmem_pipeline(target, phases=UP_TO_KERNELS, disable=disable)(mod)
+
+
+def _rules(lowered) -> list[str]:
+    return sorted(str(f.attrs["smartmem.schedule_rule"]) for _, f in lowered.functions_items()
+                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+                  and "smartmem.schedule_rule" in f.attrs)
+
+
+def _norm_matmul(rows: tuple, k: int, n: int, rms: bool = False, second_reader: bool = False,
+                 epilogue: bool = True):
+    """x [*rows, k] -> layernorm (or RMSNorm) -> matmul w [k, n] (+ bias, GELU)."""
+    def body(v, emit):
+        if rms:
+            y = emit(relax.op.nn.rms_norm(v["x"], v["g"], axes=[-1], epsilon=1e-5))
+        else:
+            y = emit(relax.op.nn.layer_norm(v["x"], v["g"], v["b"], axes=[-1], epsilon=1e-5))
+        out = emit(relax.op.matmul(y, v["w"]))
+        if epilogue:
+            out = emit(relax.op.nn.gelu(emit(relax.op.add(out, v["bias"]))))
+        if second_reader:  # the normalised tensor is read twice: it must be written
+            out = relax.Tuple([out, emit(relax.op.multiply(y, relax.const(2.0, F32)))])
+        return out
+
+    params = {"x": (*rows, k), "g": (k,), "b": (k,), "w": (k, n), "bias": (n,)}
+    return build_function(params, body), list(params)
+
+
+def _arrays(rows, k, n, seed) -> dict:
+    rng = np.random.default_rng(seed)
+    # a non-zero mean and a spread of scales per row: the statistics matter
+    x = rng.standard_normal((*rows, k)) * rng.uniform(0.5, 4.0, (*rows, 1)) + 1.5
+    return {"x": x.astype(F32), "g": rng.standard_normal(k).astype(F32),
+            "b": rng.standard_normal(k).astype(F32),
+            "w": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(F32),
+            "bias": rng.standard_normal(n).astype(F32)}
+
+
+def _reference(a: dict, rms: bool = False, epilogue: bool = True) -> np.ndarray:
+    from scipy.special import erf
+
+    x = a["x"].astype(np.float64)
+    if rms:
+        y = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * a["g"]
+    else:
+        y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * \
+            a["g"] + a["b"]
+    out = y @ a["w"]
+    if epilogue:
+        out = out + a["bias"]
+        out = 0.5 * out * (1 + erf(out / np.sqrt(2)))
+    return out.astype(F32)
+
+
+def _run(mod, names, arrays, dev):
+    ex = tvm.compile(mod, OPENCL, relax_pipeline=smartmem_pipeline(OPENCL))
+    return run_vm(ex, [arrays[n] for n in names], dev=dev)
+
+
+def test_switch_defaults_off_and_rejects_other_values(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert not norm_prologue_enabled()
+    monkeypatch.setenv(ENV, "yes")
+    with pytest.raises(SmartMemError, match=ENV):
+        norm_prologue_enabled()
+
+
+def test_rows_must_split_evenly_over_the_lanes():
+    """The GEMM's threadIdx.x extent (8 in the measured CUDA / OpenCL configurations) must
+    divide the normalised axis; CPU and texture targets never glue."""
+    assert norm_prologue_fits(384, CUDA) and norm_prologue_fits(144, OPENCL)
+    assert not norm_prologue_fits(20, CUDA)
+    assert not norm_prologue_fits(384, targets.get("llvm"))
+    assert not norm_prologue_fits(384, targets.get("opencl-texture"))
+
+
+@pytest.mark.parametrize("rows,k,n,rms", [((197,), 384, 96, False), ((1, 9), 48, 48, False),
+                                          ((1, 40), 16, 80, True)])
+def test_one_kernel_that_matches_numpy(rows, k, n, rms, on, dev):
+    """DeiT-S-sized rows (a partial last row tile), a unit batch axis, RMSNorm: the norm, the
+    GEMM and its bias + GELU epilogue are one NormalisedMatmul kernel (two without the
+    switch), values within float32 tolerance of a float64 reference."""
+    mod, names = _norm_matmul(rows, k, n, rms=rms)
+    fused = _lowered(mod, OPENCL)
+    assert _rules(fused) == ["NormalisedMatmul"]
+    assert collect(_lowered(mod, OPENCL, disable=("NormalisedMatmul",))).kernels == 2
+    assert_matches(_run(mod, names, _arrays(rows, k, n, 1), dev),
+                   [_reference(_arrays(rows, k, n, 1), rms=rms)])
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 70), k=st.sampled_from([8, 24, 64, 136]),
+       n=st.one_of(st.sampled_from([16, 48, 96]), st.integers(1, 100)),
+       rms=st.booleans(), epilogue=st.booleans(), seed=st.integers(0, 99))
+def test_random_sizes_match_numpy(m, k, n, rms, epilogue, seed, on, dev):
+    """Random row counts (one row, partial tiles), widths and output widths (partial column
+    tiles), with and without an epilogue: values within tolerance whatever the planner and
+    the rule decide.  Where the glue is off -- one row (a GEMV), a width that is not a
+    multiple of 16 -- nothing is glued; where it is on, the rule may still decline a shape
+    whose padded tiles ``compute_at`` rejects (seen with a single row tile and a narrow K,
+    e.g. 6 x 8 -> 16): the kernel is then scheduled by the fallback rules, slower but exact
+    (the switches of ``on`` hold for every example)."""
+    mod, names = _norm_matmul((m,), k, n, rms=rms, epilogue=epilogue)
+    if m < 2 or n % 16:
+        assert "NormalisedMatmul" not in _rules(_lowered(mod, OPENCL))
+    arrays = _arrays((m,), k, n, seed)
+    assert_matches(_run(mod, names, arrays, dev), [_reference(arrays, rms, epilogue)])
+
+
+def test_not_glued_where_the_normalised_tensor_is_read_elsewhere(on):
+    mod, _ = _norm_matmul((17,), 32, 32, second_reader=True)
+    assert "NormalisedMatmul" not in _rules(_lowered(mod, OPENCL))
+
+
+def test_not_glued_over_several_batches(on, dev):
+    """Two batches of rows: the GEMM would fold them into its row tiles; two kernels, and
+    the values still match."""
+    mod, names = _norm_matmul((2, 9), 48, 32)
+    assert "NormalisedMatmul" not in _rules(_lowered(mod, OPENCL))
+    arrays = _arrays((2, 9), 48, 32, 4)
+    assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
+
+
+def test_not_glued_where_the_lanes_do_not_divide_the_rows(on):
+    mod, _ = _norm_matmul((17,), 20, 32)
+    assert "NormalisedMatmul" not in _rules(_lowered(mod, CUDA))
+
+
+def test_split_gemms_are_left_alone(monkeypatch, dev):
+    """With split-K on, a few-column GEMM over a long K is split (its partial sums read the
+    norm through a reshape): no glue, the measured split stays, and the values still match."""
+    monkeypatch.setenv(ENV, "on")
+    mod, names = _norm_matmul((197,), 384, 96)
+    lowered = _lowered(mod, OPENCL)
+    assert "NormalisedMatmul" not in _rules(lowered)
+    arrays = _arrays((197,), 384, 96, 2)
+    assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
+
+
+def test_cuda_schedules_the_same_kernel(on):
+    mod, _ = _norm_matmul((197,), 384, 64)
+    assert _rules(_lowered(mod, CUDA)) == ["NormalisedMatmul"]
+
+
+@pytest.mark.parametrize("name,saved", [("vit_block", 1), ("swin_block", 0)])
+def test_models_match_onnxruntime(name, saved, on, dev):
+    """A pre-LN ViT block and a Swin block: the layernorms that feed a projection alone are
+    computed in it.  A layernorm already in the residual add's kernel (which stores the stream
+    besides) only moves, so ViT saves one kernel and Swin none; the values on PoCL match
+    ONNX Runtime either way."""
+    model = models.get(name)
+    mod, params = frontend.from_onnx(model)
+    glued = _lowered(mod, OPENCL)
+    assert "NormalisedMatmul" in _rules(glued)
+    alone = _lowered(mod, OPENCL, disable=("NormalisedMatmul",))
+    assert collect(alone).kernels - collect(glued).kernels == saved
+    inputs = models.random_inputs(model, seed=5)
+    ex = tvm.compile(mod, OPENCL, relax_pipeline=smartmem_pipeline(OPENCL))
+    assert_matches(run_vm(ex, list(inputs.values()), dev=dev, params=params),
+                   numerics.onnxruntime_reference(model, inputs))

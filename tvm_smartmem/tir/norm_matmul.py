@@ -1,0 +1,233 @@
+"""NormalisedMatmul: a layer normalisation computed inside the GEMM that reads it.
+
+A pre-LN transformer normalises the residual stream right before each projection
+(``LN -> QKV``, ``LN -> MLP-up``).  TVM -- and DNNFusion's table, many-to-many into
+many-to-many is red -- makes that two kernels: the layernorm writes ``y = LN(x)`` and the GEMM
+reads ``y``.  ``FusePlan`` glues the pair into one function where this rule is on
+(:func:`norm_prologue_enabled`) and after ``FuseTIR`` it is a chain of blocks::
+
+    x_sum[r]      += x[r, k]                          (row statistics: reductions over K)
+    x_var_sum[r]  += (x[r, k] - x_sum[r] / K) ** 2
+    y[r, k]        = (x[r, k] - mean[r]) * rsqrt(var[r] + eps) * g[k] + b[k]
+    C[r, n]       += y[r, k] * W[k, n]                (+ epilogue)
+
+The GEMM keeps the schedule it would get alone (``TunedMatmul``, dlight's tiling with the
+measured knobs): the rule schedules the function without the statistics blocks -- their
+results become parameters -- so the normalisation is an injective prologue that dlight folds
+into the shared-memory load of ``y``'s tile.  Then the statistics blocks are put back and
+computed at the thread block's loop: each block first reduces the rows of its tile (the
+K-reduction split over ``threadIdx.x`` by ``rfactor``, rows over ``threadIdx.y``, partial
+sums in registers, row results in shared memory) and normalises ``x`` on its way into shared
+memory.  The statistics are recomputed by every column tile of a row tile -- reads of ``x``
+that hit L2 -- in exchange for one launch and a round trip of ``y`` through global memory per
+layernorm; whether that pays is the device's call (``benchmarks/``), hence the switch.
+
+Anything else -- one reduction block only, statistics the GEMM's loop nest cannot host, a GEMM
+the matmul rule declines -- is declined (``None``) and the next rule takes the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tvm import s_tir, tirx
+
+from ..errors import SmartMemError
+
+#: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (default ``off``:
+#: not yet timed on a GPU, see the module doc).
+ENV = "TVM_SMARTMEM_NORM_PROLOGUE"
+
+
+def norm_prologue_enabled() -> bool:
+    """Is the layernorm -> GEMM glue on (``TVM_SMARTMEM_NORM_PROLOGUE=on|off``)?"""
+    value = os.environ.get(ENV, "off").strip().lower()
+    if value not in ("on", "off"):
+        raise SmartMemError(f"{ENV}={value!r}: expected 'on' or 'off'")
+    return value == "on"
+
+
+def _gemm_rule(target, gemm=None):
+    if gemm is not None:
+        return gemm
+    from .matmul import TunedMatmul
+
+    return TunedMatmul()
+
+
+def statistic_lanes(target, gemm=None) -> int:
+    """Threads that share one row's statistics: the GEMM's ``threadIdx.x`` extent."""
+    config = _gemm_rule(target, gemm).get_configs(target)
+    return int(config.block_size_x)
+
+
+def norm_prologue_fits(reduced: int, target, gemm=None) -> bool:
+    """Can this rule compute the statistics of rows ``reduced`` long in ``target``'s GEMM?
+    The row is split evenly over the lanes (an uneven split would need a predicate that
+    ``compute_at`` drops)."""
+    return target is not None and target.kind.name in ("cuda", "opencl") and \
+        "texture" not in target.keys and reduced % statistic_lanes(target, gemm) == 0
+
+
+def _nests(root: s_tir.SBlock) -> list:
+    body = root.body
+    return list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
+
+
+def _block_of(nest) -> s_tir.SBlock | None:
+    while isinstance(nest, tirx.For):
+        nest = nest.body
+    return nest.block if isinstance(nest, s_tir.SBlockRealize) else None
+
+
+def _is_reduction(block: s_tir.SBlock) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars)
+
+
+def _with_root(func: tirx.PrimFunc, params: list, nests: list, allocs: list) -> tirx.PrimFunc:
+    """``func`` with other parameters, root statements and root allocations."""
+    root = func.body.block
+    block = s_tir.SBlock(list(root.iter_vars), list(root.reads), list(root.writes),
+                         root.name_hint, tirx.SeqStmt(nests) if len(nests) > 1 else nests[0],
+                         root.init, allocs, list(root.match_buffers), dict(root.annotations))
+    return tirx.PrimFunc(params, s_tir.SBlockRealize([], True, block), func.ret_type,
+                         func.attrs)
+
+
+def _inline_spatial_into_statistics(sch: s_tir.Schedule) -> bool:
+    """Inline every spatial block read by an earlier-than-last reduction (the statistics must
+    read parameters only: after the GEMM is scheduled, nothing else is left for them to read)
+    and the spatial blocks between statistics (the mean).  False where one cannot be."""
+    while True:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        stmts = [sch.get(b) for b in blocks]
+        reductions = [i for i, b in enumerate(stmts) if _is_reduction(b)]
+        if len(reductions) < 2:
+            return False
+        stats = reductions[:-1]
+        read = {r.source for i in stats for r in stmts[i].reads}
+        producers = [i for i, b in enumerate(stmts) if not _is_reduction(b) and i < stats[-1]
+                     and any(w.source in read for w in b.writes)]
+        if not producers:
+            return True
+        try:
+            sch.compute_inline(blocks[producers[0]])
+        except s_tir.ScheduleError:
+            return False
+
+
+def _bound_loops(sch: s_tir.Schedule, block) -> list[tuple]:
+    """(thread tag, loop, extent) of ``block``'s thread-bound loops, outermost first."""
+    out = []
+    for loop in sch.get_loops(block):
+        binding = sch.get(loop).thread_binding
+        if binding is not None:
+            out.append((binding.thread_tag, loop, int(sch.get(loop).extent)))
+    return out
+
+
+def _gemm_block(sch: s_tir.Schedule, name: str):
+    """The GEMM's accumulating block (dlight splits off its initialisation as ``_init``)."""
+    try:
+        return sch.get_sblock(name + "_update")
+    except (s_tir.ScheduleError, ValueError):
+        return sch.get_sblock(name)
+
+
+def _below(sch: s_tir.Schedule, block, at) -> list:
+    """``block``'s loops inside loop ``at``."""
+    loops = sch.get_loops(block)
+    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(at)))
+    return loops[depth + 1:]
+
+
+def _schedule_statistic(sch: s_tir.Schedule, name: str, at, tx: int, ty: int) -> None:
+    """Rows over ``threadIdx.y``, the K reduction split over ``threadIdx.x`` (``rfactor``: the
+    partial sums in registers, then in shared memory), the final sum per row by ``ty``."""
+    rf_block = sch.get_sblock(name + "_rf")
+    lane, *rows, k_outer = _below(sch, rf_block, at)
+    rows_o, rows_i = sch.split(sch.fuse(*rows) if len(rows) > 1 else rows[0], [None, ty])
+    sch.reorder(rows_i, lane, rows_o, k_outer)
+    sch.bind(rows_i, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    partial = sch.cache_write(rf_block, 0, "local")
+    sch.reverse_compute_at(partial, rows_o, preserve_unit_loops=True)
+    block = sch.get_sblock(name)
+    total = sch.cache_write(block, 0, "local")
+    lanes, *rows = _below(sch, block, at)
+    rows_o, rows_i = sch.split(sch.fuse(*rows) if len(rows) > 1 else rows[0], [None, ty])
+    sch.reorder(rows_i, rows_o, lanes)
+    sch.bind(rows_i, "threadIdx.y")
+    sch.reverse_compute_at(total, rows_o, preserve_unit_loops=True)
+
+
+class NormalisedMatmul:
+    """Schedule rule for a GEMM whose operand is normalised in the same kernel (module doc).
+
+    ``gemm`` is the rule the GEMM gets alone (``TunedMatmul`` in the smartmem pipeline)."""
+
+    def __init__(self, gemm=None):
+        self.gemm = _gemm_rule(None, gemm)
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _inline_spatial_into_statistics(sch):
+            return None
+        names = _statistics(sch)
+        lanes = statistic_lanes(target, self.gemm)
+        if not names or any(int(sch.get(sch.get_sblock(n)).iter_vars[-1].dom.extent) % lanes
+                            for n in names):
+            return None  # see norm_prologue_fits
+        for name in names:  # each row's sum split over the lanes (in the plain function, where
+            k = sch.get_loops(sch.get_sblock(name))[-1]  # rfactor's preconditions hold)
+            sch.rfactor(sch.split(k, [None, lanes])[1], 0)
+        func = sch.mod["main"]
+        nests = _nests(func.body.block)
+        blocks = [_block_of(n) for n in nests]
+        if any(b is None for b in blocks):
+            return None
+        stats = [i for i, b in enumerate(blocks) if _is_reduction(b)][:-1]
+        results = [w.source for i in stats for w in blocks[i].writes]
+        allocs = list(func.body.block.alloc_buffers)
+        # 1. the GEMM alone, the statistics as parameters: dlight inlines the normalisation
+        alone = _with_root(func, [*func.params, *results],
+                           [n for i, n in enumerate(nests) if i not in stats],
+                           [a for a in allocs if not any(a.same_as(r) for r in results)])
+        space = self.gemm.apply(alone, target, tunable)
+        if space is None:
+            return None
+        scheduled = (space if isinstance(space, s_tir.Schedule) else space[0]).mod["main"]
+        # 2. the statistics back in front, computed per thread block on its threads
+        whole = _with_root(scheduled, list(func.params),
+                           [nests[i] for i in stats] + _nests(scheduled.body.block),
+                           [*scheduled.body.block.alloc_buffers, *results])
+        sch = s_tir.Schedule(whole)
+        gemm = [b for i, b in enumerate(blocks) if _is_reduction(b)][-1].name_hint
+        bound = _bound_loops(sch, _gemm_block(sch, gemm))
+        extents = {tag: extent for tag, _, extent in bound}
+        grid = [loop for tag, loop, _ in bound if tag.startswith("blockIdx")]
+        if not grid or extents.get("threadIdx.x") != lanes or "threadIdx.y" not in extents:
+            return None
+        at = grid[-1]
+        for i in reversed(stats):
+            block = sch.get_sblock(blocks[i].name_hint)
+            sch.compute_at(block, at, preserve_unit_loops=True)
+            sch.set_scope(block, 0, "shared")
+        for name in names:
+            _schedule_statistic(sch, name, at, lanes, extents["threadIdx.y"])
+        return sch
+
+
+def _statistics(sch: s_tir.Schedule) -> list[str]:
+    """Names of the reductions before the last one (the GEMM) when each reduces one axis, its
+    last, over rows (its other axes); [] otherwise."""
+    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    reductions = [b for b in blocks if _is_reduction(b)]
+    stats = reductions[:-1]
+    if any(len(b.iter_vars) < 2 or
+           sum(iv.iter_type == tirx.IterVar.CommReduce for iv in b.iter_vars) != 1 or
+           b.iter_vars[-1].iter_type != tirx.IterVar.CommReduce for b in stats):
+        return []
+    return [b.name_hint for b in stats]
