@@ -195,12 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     import tvm
 
     from tvm_smartmem import zoo
-    from tvm_smartmem.bench import git_commit
+    from tvm_smartmem.bench import env_prefix, git_commit
 
     names = zoo.resolve(args.models)
     data = {"target": args.target, "git_commit": git_commit(), "tvm": tvm.__version__,
             "host": platform.node(),
-            "command": "python benchmarks/kernel_counts.py " + " ".join(sys.argv[1:]),
+            "command": env_prefix() + "python benchmarks/kernel_counts.py "
+            + " ".join(sys.argv[1:]),
             "models": measure(names, args.target, args.check, args.build)}
     write(data, args.name or f"kernel_counts_{args.target}")
 

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="pocl_numerics")
     p.add_argument("--shared", type=int, help="shared memory per block the target declares")
     args = p.parse_args(argv)
-    from tvm_smartmem.bench import git_commit
+    from tvm_smartmem.bench import env_prefix, git_commit
     from tvm_smartmem.runtime import opencl
 
     names = [m for m in args.models.split(",") if m]
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
               f"FusedAttention {row['rules'].get('FusedAttention', 0)})", flush=True)
     out = ROOT / "benchmarks" / "results" / f"{args.name}.json"
     out.write_text(json.dumps({"git_commit": git_commit(), "device": opencl.describe(),
-                               "command": "python benchmarks/pocl_numerics.py --models "
+                               "command": env_prefix()
+                               + "python benchmarks/pocl_numerics.py --models "
                                + args.models + (f" --shared {args.shared}" if args.shared else "")
                                + f" --name {args.name}", "models": rows}, indent=1, default=str))
     print(f"wrote {out}")

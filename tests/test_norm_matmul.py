@@ -194,3 +194,13 @@ def test_models_match_onnxruntime(name, saved, on, dev):
     ex = tvm.compile(mod, OPENCL, relax_pipeline=smartmem_pipeline(OPENCL))
     assert_matches(run_vm(ex, list(inputs.values()), dev=dev, params=params),
                    numerics.onnxruntime_reference(model, inputs))
+
+
+def test_results_files_record_the_switches(monkeypatch):
+    """A figure taken with a switch on says so in its reproduce command."""
+    from tvm_smartmem.bench import env_prefix
+
+    monkeypatch.setenv(ENV, "on")
+    monkeypatch.setenv("TVM_SMARTMEM_PROFILE_DB", "none")
+    assert f"{ENV}=on " in env_prefix()
+    assert "PROFILE_DB" not in env_prefix()

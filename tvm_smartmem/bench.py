@@ -157,6 +157,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def env_prefix() -> str:
+    """The ``TVM_SMARTMEM_*`` switches of this process as a shell prefix (``A=1 B=off ``), so a
+    results file's reproduce command builds the same configuration.  The profile database is
+    left out: it names a file, not a choice of the pipeline."""
+    import os
+
+    switches = sorted((k, v) for k, v in os.environ.items()
+                      if k.startswith("TVM_SMARTMEM_") and k != "TVM_SMARTMEM_PROFILE_DB")
+    return "".join(f"{k}={v} " for k, v in switches)
+
+
 def machine_info() -> dict:
     """Where and with what the figures were taken (every results file records it)."""
     import tvm
