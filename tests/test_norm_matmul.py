@@ -100,13 +100,16 @@ def test_switch_defaults_off_and_rejects_other_values(monkeypatch):
         norm_prologue_enabled()
 
 
-def test_rows_must_split_evenly_over_the_lanes():
+def test_rows_must_split_evenly_over_the_lanes_and_batches_over_the_tiles():
     """The GEMM's threadIdx.x extent (8 in the measured CUDA / OpenCL configurations) must
-    divide the normalised axis; CPU and texture targets never glue."""
-    assert norm_prologue_fits(384, CUDA) and norm_prologue_fits(144, OPENCL)
-    assert not norm_prologue_fits(20, CUDA)
-    assert not norm_prologue_fits(384, targets.get("llvm"))
-    assert not norm_prologue_fits(384, targets.get("opencl-texture"))
+    divide the normalised axis; batches folded into the GEMM's rows must fill its 32-row
+    tiles; CPU and texture targets never glue."""
+    assert norm_prologue_fits((197, 384), CUDA) and norm_prologue_fits((1, 50, 144), OPENCL)
+    assert norm_prologue_fits((1, 4, 16, 144), CUDA)  # MobileViT: 64 folded rows
+    assert not norm_prologue_fits((2, 9, 48), CUDA)  # 18 folded rows: a padded tile
+    assert not norm_prologue_fits((197, 20), CUDA)
+    assert not norm_prologue_fits((197, 384), targets.get("llvm"))
+    assert not norm_prologue_fits((197, 384), targets.get("opencl-texture"))
 
 
 @pytest.mark.parametrize("rows,k,n,rms", [((197,), 384, 96, False), ((1, 9), 48, 48, False),
@@ -148,9 +151,18 @@ def test_not_glued_where_the_normalised_tensor_is_read_elsewhere(on):
     assert "NormalisedMatmul" not in _rules(_lowered(mod, OPENCL))
 
 
-def test_not_glued_over_several_batches(on, dev):
-    """Two batches of rows: the GEMM would fold them into its row tiles; two kernels, and
-    the values still match."""
+def test_batches_that_fill_row_tiles(on, dev):
+    """MobileViT's layout: patch pixels as a batch axis before the patches, folded by the GEMM
+    into its rows (4 x 16 = two row tiles): one kernel, values within tolerance."""
+    mod, names = _norm_matmul((1, 4, 16), 48, 64)
+    assert _rules(_lowered(mod, OPENCL)) == ["NormalisedMatmul"]
+    arrays = _arrays((1, 4, 16), 48, 64, 6)
+    assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
+
+
+def test_not_glued_over_batches_that_pad_a_tile(on, dev):
+    """Two batches of nine rows: folded, they would pad a row tile; two kernels, and the
+    values still match."""
     mod, names = _norm_matmul((2, 9), 48, 32)
     assert "NormalisedMatmul" not in _rules(_lowered(mod, OPENCL))
     arrays = _arrays((2, 9), 48, 32, 4)

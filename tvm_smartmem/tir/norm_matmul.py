@@ -61,12 +61,28 @@ def statistic_lanes(target, gemm=None) -> int:
     return int(config.block_size_x)
 
 
-def norm_prologue_fits(reduced: int, target, gemm=None) -> bool:
-    """Can this rule compute the statistics of rows ``reduced`` long in ``target``'s GEMM?
-    The row is split evenly over the lanes (an uneven split would need a predicate that
-    ``compute_at`` drops)."""
-    return target is not None and target.kind.name in ("cuda", "opencl") and \
-        "texture" not in target.keys and reduced % statistic_lanes(target, gemm) == 0
+def row_tile(target, gemm=None) -> int:
+    """Rows of the GEMM's thread-block tile (dlight's ``x`` kernel size)."""
+    config = _gemm_rule(target, gemm).get_configs(target)
+    return int(config.vthread_x * config.block_size_x * config.micro_size_x)
+
+
+def norm_prologue_fits(shape: tuple, target, gemm=None) -> bool:
+    """Can this rule compute the statistics of a norm over the last axis of ``shape`` inside
+    ``target``'s GEMM?  The row is split evenly over the lanes (an uneven split would need a
+    predicate that ``compute_at`` drops).  Batch axes (MobileViT's patch pixels) are folded
+    into the GEMM's rows; the folded rows must then fill whole row tiles, since a padded
+    tile would read the statistics of a batch that does not exist (``compute_at`` rejects
+    that region)."""
+    if target is None or target.kind.name not in ("cuda", "opencl") or \
+            "texture" in target.keys or len(shape) < 2:
+        return False
+    batch = 1
+    for d in shape[:-2]:
+        batch *= int(d)
+    if batch > 1 and (batch * int(shape[-2])) % row_tile(target, gemm):
+        return False
+    return int(shape[-1]) % statistic_lanes(target, gemm) == 0
 
 
 def _nests(root: s_tir.SBlock) -> list:

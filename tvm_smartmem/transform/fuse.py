@@ -237,16 +237,14 @@ def _normalises_last(func, shape: tuple) -> bool:
 def norm_matmul_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[list[int]]:
     """Pairs ``layernorm / RMSNorm (last axis) -> matmul`` where the normalised tensor is read
     by nothing but the matmul's left operand (a pre-LN projection), with static shapes and rows
-    that ``NormalisedMatmul`` can split over its lanes: one kernel each.  One batch only (the
-    axes before the rows are 1, as in inference): the GEMM folds further batches into its
-    row tiles, where the statistics' rows can no longer be computed per tile."""
+    that ``NormalisedMatmul`` can split over its lanes and tile (``norm_prologue_fits``): one
+    kernel each."""
     from ..tir.norm_matmul import norm_prologue_fits
 
     chains = []
     for norm in ecg:
         if not any(norm.op.startswith(op) for op in NORM_OPS) or not _static(norm.shape) or \
-                len(norm.succs) != 1 or norm.is_output or len(norm.shape) < 2 or \
-                any(d != 1 for d in norm.shape[:-2]):
+                len(norm.succs) != 1 or norm.is_output or len(norm.shape) < 2:
             continue
         func = _call_tir_func(norm, mod)
         if func is None or not _normalises_last(func, norm.shape):
@@ -257,7 +255,7 @@ def norm_matmul_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[
                 not operands[0].same_as(norm.var) or \
                 any(o.same_as(norm.var) for o in operands[1:]) or not _static(mm.shape) or \
                 norm.shape[-2] < 2 or mm.shape[-1] % COLUMN_MULTIPLE or \
-                not norm_prologue_fits(norm.shape[-1], target):
+                not norm_prologue_fits(norm.shape, target):
             continue
         chains.append([norm.index, mm.index])
     return chains
