@@ -150,7 +150,10 @@ def write(data: dict, name: str) -> Path:
         f"{fmt(max((_ratio(r, 'kernels') for r in cnn), default=None))}.",
         f"Data-movement kernels over the zoo: {dm_base} -> {dm_ours}.",
     ]
-    md = [f"# Kernel counts, TVM default vs smartmem ({data['target']})", "",
+    switches = data.get("switches") or ""
+    title = f"# Kernel counts, TVM default vs smartmem ({data['target']})" + (
+        f", built with `{switches}`" if switches else "")
+    md = [title, "",
           f"Commit `{data['git_commit']}`, TVM {data['tvm']}, {data['host']}. Counts are launches "
           "per inference on the module each pipeline compiles; the ORT check compiles the "
           "smartmem build for the CPU and compares its outputs with ONNX Runtime (fp32 "
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {"target": args.target, "git_commit": git_commit(), "tvm": tvm.__version__,
             "host": platform.node(),
             "command": env_prefix() + "python benchmarks/kernel_counts.py "
-            + " ".join(sys.argv[1:]),
+            + " ".join(sys.argv[1:]), "switches": env_prefix().strip(),
             "models": measure(names, args.target, args.check, args.build)}
     write(data, args.name or f"kernel_counts_{args.target}")
 

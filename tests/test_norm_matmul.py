@@ -214,5 +214,6 @@ def test_results_files_record_the_switches(monkeypatch):
 
     monkeypatch.setenv(ENV, "on")
     monkeypatch.setenv("TVM_SMARTMEM_PROFILE_DB", "none")
+    monkeypatch.setenv("TVM_SMARTMEM_ZOO", "/somewhere")
     assert f"{ENV}=on " in env_prefix()
-    assert "PROFILE_DB" not in env_prefix()
+    assert "PROFILE_DB" not in env_prefix() and "ZOO" not in env_prefix()

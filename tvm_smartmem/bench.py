@@ -159,12 +159,15 @@ def git_commit() -> str:
 
 def env_prefix() -> str:
     """The ``TVM_SMARTMEM_*`` switches of this process as a shell prefix (``A=1 B=off ``), so a
-    results file's reproduce command builds the same configuration.  The profile database is
-    left out: it names a file, not a choice of the pipeline."""
+    results file's reproduce command builds the same configuration.  Variables that name
+    places (profile database, cache, zoo, OpenCL library) are left out: not choices of the
+    pipeline, and private paths."""
     import os
 
+    places = {"TVM_SMARTMEM_PROFILE_DB", "TVM_SMARTMEM_CACHE", "TVM_SMARTMEM_ZOO",
+              "TVM_SMARTMEM_OPENCL_LIB"}
     switches = sorted((k, v) for k, v in os.environ.items()
-                      if k.startswith("TVM_SMARTMEM_") and k != "TVM_SMARTMEM_PROFILE_DB")
+                      if k.startswith("TVM_SMARTMEM_") and k not in places)
     return "".join(f"{k}={v} " for k, v in switches)
 
 
