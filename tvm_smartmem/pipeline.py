@@ -16,11 +16,12 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
                         ClassifyOperators, SplitToSlices
     legalize            LegalizeOps, AnnotateTIROpPattern, FoldConstant
     layout              EliminateLayoutTransforms                     (decisions as attributes)
-    fuse                FusePlan (DNNFusion planner, attention chains glued on GPUs; FuseOps
+    fuse                FusePlan (DNNFusion planner, attention chains glued on GPUs, and a
+                        layernorm to its GEMM with TVM_SMARTMEM_NORM_PROLOGUE=on; FuseOps
                         for the baseline), then FuseTIR
     tir                 InlineDataMovement, SimplifyIndices, then dlight schedules with ours
-                        in front (FusedAttention, TunedMatmul, LongRowReduction,
-                        RowReductionWithSideOutputs)
+                        in front (FusedAttention, NormalisedMatmul, TunedMatmul,
+                        LongRowReduction, RowReductionWithSideOutputs)
                         (+ PackActivationsToTexture before and LowerTextureAccess after the
                         schedules on texture targets; BlockedReductions on CPUs)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
