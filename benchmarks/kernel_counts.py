@@ -56,14 +56,23 @@ def _check_build(mod, target) -> dict:
     GPU machine -- the counts above stop at the scheduled kernels."""
     import tvm
 
+    from tvm_smartmem.analysis.shared_memory import over_limit
     from tvm_smartmem.pipeline import smartmem_pipeline
 
     try:
         with target:
-            tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
-        return {"builds": True}
+            ex = tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
     except Exception as exc:  # reported in the table: the counts of a model that fails are moot
         return {"builds": False, "build_error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
+    # the GPU driver refuses kernels whose shared arrays exceed the block's limit: a build the
+    # device cannot load is a failed build (caught here, not minutes into a device call)
+    limit = target.attrs.get("max_shared_memory_per_block")
+    too_big = over_limit(ex, int(limit)) if limit is not None else {}
+    if too_big:
+        name, size = max(too_big.items(), key=lambda kv: kv[1])
+        return {"builds": False, "build_error": f"{len(too_big)} kernel(s) over {int(limit)} "
+                f"bytes of shared memory, e.g. {name}: {size} bytes"}
+    return {"builds": True}
 
 
 def measure(names: list[str], target_name: str, check: bool, build: bool = False) -> dict:

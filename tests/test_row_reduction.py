@@ -270,3 +270,34 @@ def test_rows_too_long_for_shared_memory_are_not_planned_with_side_outputs(monke
     mod = _pre_ln(m=8, k=512, n=16384)
     assert max(_output_widths(mod, OPENCL)) == 1
     assert max(_output_widths(_pre_ln(m=8, k=512, n=1024), OPENCL)) == 2
+
+
+@pytest.mark.parametrize("target_name", ["cuda", "opencl"])
+def test_a_grid_of_rows_caches_one_row_in_shared_memory(monkeypatch, target_name):
+    """Swin-T's second stage: rows on a 28 x 28 token grid, 192 wide.  The row loop fuses the
+    grid; the copy of the cached row must index it through that loop, else the region
+    analysis loses the row and the cache grows to the whole tensor (623,696 bytes before the
+    fix: ``ptxas error: uses too much shared data`` on the H100, CUDA and OpenCL).  Now one
+    row (768 bytes), the statistics and, on OpenCL (no warp shuffles), the reduction's
+    buffers of 256 lanes: a few KB."""
+    from tvm_smartmem.analysis.shared_memory import device_sources, shared_bytes
+
+    monkeypatch.setenv(split_k.ENV, "4")
+    target = targets.get(target_name)
+    mod = _pre_ln(28, 512, 192, "layer_norm", (1, 28))
+    with target:
+        ex = tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
+    assert RULE in _rules(mod, target).values()
+    sizes = shared_bytes(device_sources(ex))
+    norm = [b for k, b in sizes.items() if "add" in k and "matmul" not in k]
+    assert norm and max(norm) <= 192 * 4 + 2 * 256 * 4 + 256
+    assert max(sizes.values()) <= int(target.attrs["max_shared_memory_per_block"])
+
+
+def test_a_grid_of_rows_matches_numpy(dev, monkeypatch):
+    monkeypatch.setenv(split_k.ENV, "4")
+    mod = _pre_ln(9, 512, 96, "layer_norm", (1, 7))
+    ex = tvm.compile(mod, OPENCL, relax_pipeline=smartmem_pipeline(OPENCL))
+    inputs, params = _data(9, 512, 96, (1, 7), seed=11)
+    assert_matches(run_vm(ex, inputs, dev, params),
+                   [_reference(*inputs, *params, "layer_norm")])

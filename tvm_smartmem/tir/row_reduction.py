@@ -70,6 +70,27 @@ def _writes_row_major(sch: s_tir.Schedule, info, extents: list[int]) -> bool:
         all(i.same_as(v) for i, v in zip(indices, loop_vars, strict=True))
 
 
+def _fused(sch: s_tir.Schedule, loops: list):
+    return sch.fuse(*loops) if len(loops) > 1 else loops[0]
+
+
+def _rows_and_row(sch: s_tir.Schedule, copy, rows: int, row: int) -> tuple:
+    """The copy's loops as (rows, row): the buffer's row axes fused, then its row axes.  Fusing
+    them all and splitting the result would index the buffer through ``(r * row + t) // ...``
+    -- a 2-D grid of rows (Swin's 28 x 28 tokens) then loses its row in the region analysis,
+    and the shared-memory cache of one row grows to the whole tensor (600 KB for Swin-T's
+    second stage, which no GPU builds)."""
+    loops = sch.get_loops(copy)
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    split, size = 0, 1
+    while split < len(loops) and size < rows:
+        size *= extents[split]
+        split += 1
+    if split == 0 or split == len(loops) or size != rows:
+        return tuple(sch.split(_fused(sch, loops), [rows, row]))
+    return _fused(sch, loops[:split]), _fused(sch, loops[split:])
+
+
 class RowReductionWithSideOutputs(dl.ScheduleRule):
     """One thread block per row for a normalisation kernel that also stores its prologue
     (see the module doc).  ``widest``: most threads along a row."""
@@ -126,9 +147,7 @@ class RowReductionWithSideOutputs(dl.ScheduleRule):
                 sch.set_scope(info.block_rv, i, "shared")
         heads = []
         for copy in copies:
-            loops = sch.get_loops(copy)
-            head, inner = sch.split(sch.fuse(*loops) if len(loops) > 1 else loops[0],
-                                    [rows, row])
+            head, inner = _rows_and_row(sch, copy, rows, row)
             spread(inner)
             heads.append(head)
         # one loop over rows for all of it: the copies first, then statistics and epilogue
