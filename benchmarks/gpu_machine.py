@@ -494,8 +494,9 @@ def report(args: argparse.Namespace) -> None:
             if "median_ms" in row:
                 mark = "" if row.get("matches_onnxruntime") else " (MISMATCH)"
                 cells.append(f"{row['median_ms']:.3f}{mark}")
-            else:
-                cells.append("error")
+            else:  # an error recorded, or a build the call never reached (its --deadline)
+                cells.append("error" if row.get("error") or (m.get("error") and
+                             "deadline" not in m["error"]) else "not measured")
         for base, ours in pairs.values():
             ratio = _speedup(m, base, ours)
             cells.append(f"{ratio:.2f}x" if ratio else "n/a")
