@@ -20,7 +20,10 @@ K-reduction split over ``threadIdx.x`` by ``rfactor``, rows over ``threadIdx.y``
 sums in registers, row results in shared memory) and normalises ``x`` on its way into shared
 memory.  The statistics are recomputed by every column tile of a row tile -- reads of ``x``
 that hit L2 -- in exchange for one launch and a round trip of ``y`` through global memory per
-layernorm; whether that pays is the device's call (``benchmarks/``), hence the switch.
+layernorm.  On the H100 that trade loses: DeiT-S / ViT-B / GPT-2 / Swin-T builds with the glue
+were 4-11% slower than the same builds without it
+(``benchmarks/results/gpu_h100_variants_1ab389e.md``), hence off by default; it is the
+kernel-count configuration (every transformer under 0.5x of TVM's kernels).
 
 Anything else -- one reduction block only, statistics the GEMM's loop nest cannot host, a GEMM
 the matmul rule declines -- is declined (``None``) and the next rule takes the kernel.
@@ -35,7 +38,7 @@ from tvm import s_tir, tirx
 from ..errors import SmartMemError
 
 #: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (default ``off``:
-#: not yet timed on a GPU, see the module doc).
+#: measured slower on the H100, see the module doc).
 ENV = "TVM_SMARTMEM_NORM_PROLOGUE"
 
 
