@@ -210,10 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     from tvm_smartmem.bench import env_prefix, git_commit
 
     names = zoo.resolve(args.models)
+    switches = env_prefix()
     data = {"target": args.target, "git_commit": git_commit(), "tvm": tvm.__version__,
             "host": platform.node(),
-            "command": env_prefix() + "python benchmarks/kernel_counts.py "
-            + " ".join(sys.argv[1:]), "switches": env_prefix().strip(),
+            "command": switches + "python benchmarks/kernel_counts.py " + " ".join(sys.argv[1:]),
+            "switches": switches.strip(),
             "models": measure(names, args.target, args.check, args.build)}
     write(data, args.name or f"kernel_counts_{args.target}")
 

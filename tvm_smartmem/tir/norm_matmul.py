@@ -36,6 +36,7 @@ import os
 from tvm import s_tir, tirx
 
 from ..errors import SmartMemError
+from .schedules import _fused
 
 #: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (default ``off``:
 #: measured slower on the H100, see the module doc).
@@ -50,7 +51,7 @@ def norm_prologue_enabled() -> bool:
     return value == "on"
 
 
-def _gemm_rule(target, gemm=None):
+def _gemm_rule(gemm=None):
     if gemm is not None:
         return gemm
     from .matmul import TunedMatmul
@@ -60,25 +61,33 @@ def _gemm_rule(target, gemm=None):
 
 def statistic_lanes(target, gemm=None) -> int:
     """Threads that share one row's statistics: the GEMM's ``threadIdx.x`` extent."""
-    config = _gemm_rule(target, gemm).get_configs(target)
+    config = _gemm_rule(gemm).get_configs(target)
     return int(config.block_size_x)
 
 
 def row_tile(target, gemm=None) -> int:
     """Rows of the GEMM's thread-block tile (dlight's ``x`` kernel size)."""
-    config = _gemm_rule(target, gemm).get_configs(target)
+    config = _gemm_rule(gemm).get_configs(target)
     return int(config.vthread_x * config.block_size_x * config.micro_size_x)
 
 
-def norm_prologue_fits(shape: tuple, target, gemm=None) -> bool:
+#: Output widths the rule is glued for: a multiple of this.  Some narrow widths (6, 10, 14
+#: columns) leave dlight's padded GEMM tiles in a form where the statistics cannot be computed
+#: at the thread block -- projections are multiples of 16 wide in every zoo model.
+COLUMN_MULTIPLE = 16
+
+
+def norm_prologue_fits(shape: tuple, target, columns: int | None = None, gemm=None) -> bool:
     """Can this rule compute the statistics of a norm over the last axis of ``shape`` inside
-    ``target``'s GEMM?  The row is split evenly over the lanes (an uneven split would need a
-    predicate that ``compute_at`` drops).  Batch axes (MobileViT's patch pixels) are folded
-    into the GEMM's rows; the folded rows must then fill whole row tiles, since a padded
-    tile would read the statistics of a batch that does not exist (``compute_at`` rejects
-    that region)."""
+    ``target``'s GEMM (``columns`` wide, when given)?  More than one row (one row is a GEMV,
+    dlight's GEMV rule), the row split evenly over the lanes (an uneven split would need a
+    predicate that ``compute_at`` drops), and a multiple of ``COLUMN_MULTIPLE`` columns.
+    Batch axes (MobileViT's patch pixels) are folded into the GEMM's rows; the folded rows must
+    then fill whole row tiles, since a padded tile would read the statistics of a batch that
+    does not exist (``compute_at`` rejects that region)."""
     if target is None or target.kind.name not in ("cuda", "opencl") or \
-            "texture" in target.keys or len(shape) < 2:
+            "texture" in target.keys or len(shape) < 2 or int(shape[-2]) < 2 or \
+            (columns is not None and columns % COLUMN_MULTIPLE):
         return False
     batch = 1
     for d in shape[:-2]:
@@ -165,7 +174,7 @@ def _schedule_statistic(sch: s_tir.Schedule, name: str, at, tx: int, ty: int) ->
     partial sums in registers, then in shared memory), the final sum per row by ``ty``."""
     rf_block = sch.get_sblock(name + "_rf")
     lane, *rows, k_outer = _below(sch, rf_block, at)
-    rows_o, rows_i = sch.split(sch.fuse(*rows) if len(rows) > 1 else rows[0], [None, ty])
+    rows_o, rows_i = sch.split(_fused(sch, rows), [None, ty])
     sch.reorder(rows_i, lane, rows_o, k_outer)
     sch.bind(rows_i, "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
@@ -174,7 +183,7 @@ def _schedule_statistic(sch: s_tir.Schedule, name: str, at, tx: int, ty: int) ->
     block = sch.get_sblock(name)
     total = sch.cache_write(block, 0, "local")
     lanes, *rows = _below(sch, block, at)
-    rows_o, rows_i = sch.split(sch.fuse(*rows) if len(rows) > 1 else rows[0], [None, ty])
+    rows_o, rows_i = sch.split(_fused(sch, rows), [None, ty])
     sch.reorder(rows_i, rows_o, lanes)
     sch.bind(rows_i, "threadIdx.y")
     sch.reverse_compute_at(total, rows_o, preserve_unit_loops=True)
@@ -186,7 +195,7 @@ class NormalisedMatmul:
     ``gemm`` is the rule the GEMM gets alone (``TunedMatmul`` in the smartmem pipeline)."""
 
     def __init__(self, gemm=None):
-        self.gemm = _gemm_rule(None, gemm)
+        self.gemm = _gemm_rule(gemm)
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
@@ -223,7 +232,7 @@ class NormalisedMatmul:
                            [nests[i] for i in stats] + _nests(scheduled.body.block),
                            [*scheduled.body.block.alloc_buffers, *results])
         sch = s_tir.Schedule(whole)
-        gemm = [b for i, b in enumerate(blocks) if _is_reduction(b)][-1].name_hint
+        gemm = [b for b in blocks if _is_reduction(b)][-1].name_hint
         bound = _bound_loops(sch, _gemm_block(sch, gemm))
         extents = {tag: extent for tag, _, extent in bound}
         grid = [loop for tag, loop, _ in bound if tag.startswith("blockIdx")]

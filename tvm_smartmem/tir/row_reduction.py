@@ -32,7 +32,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from .attention import shared_budget
-from .schedules import _normalized_blocks, _row_shape, _unroll, texture_params
+from .schedules import _fused, _normalized_blocks, _row_shape, _unroll, texture_params
 
 
 def _row_threads(row: int, max_threads: int, widest: int) -> int:
@@ -68,10 +68,6 @@ def _writes_row_major(sch: s_tir.Schedule, info, extents: list[int]) -> bool:
     return [d for d in shape if d != 1] == [e for e in extents if e != 1] and \
         len(indices) == len(loop_vars) and \
         all(i.same_as(v) for i, v in zip(indices, loop_vars, strict=True))
-
-
-def _fused(sch: s_tir.Schedule, loops: list):
-    return sch.fuse(*loops) if len(loops) > 1 else loops[0]
 
 
 def _rows_and_row(sch: s_tir.Schedule, copy, rows: int, row: int) -> tuple:
@@ -137,12 +133,12 @@ class RowReductionWithSideOutputs(dl.ScheduleRule):
         copies = [sch.cache_write(s.block_rv, 0, "shared",
                                   consumer_blocks=sch.get_consumers(s.block_rv)) for s in side]
         loops = sch.get_loops(rest[-1].block_rv)
-        row_loop = sch.fuse(*loops[:n_spatial]) if n_spatial > 1 else loops[0]
-        spread(sch.fuse(*loops[n_spatial:]) if len(loops) - n_spatial > 1 else loops[n_spatial])
+        row_loop = _fused(sch, loops[:n_spatial])
+        spread(_fused(sch, loops[n_spatial:]))
         for info in reversed(rest[:-1]):
             sch.compute_at(info.block_rv, row_loop, preserve_unit_loops=True)
             inner = sch.get_loops(info.block_rv)[-n_reduce:]
-            spread(sch.fuse(*inner) if len(inner) > 1 else inner[0])
+            spread(_fused(sch, inner))
             for i in range(len(sch.get(info.block_rv).writes)):
                 sch.set_scope(info.block_rv, i, "shared")
         heads = []
@@ -155,7 +151,7 @@ class RowReductionWithSideOutputs(dl.ScheduleRule):
         for s in reversed(side):
             sch.compute_at(s.block_rv, row_loop, preserve_unit_loops=True)
             inner = sch.get_loops(s.block_rv)[1:]
-            spread(sch.fuse(*inner) if len(inner) > 1 else inner[0])
+            spread(_fused(sch, inner))
         sch.bind(row_loop, "blockIdx.x")
         for lane in lanes:
             sch.bind(lane, "threadIdx.x")

@@ -41,6 +41,11 @@ from .matmul import RULE_KNOBS, TunedMatmul, load_table, target_key, texture_key
 from .texture import LANES, is_texture
 
 
+def _fused(sch: s_tir.Schedule, loops: list):
+    """``loops`` as one loop (the loop itself when there is one)."""
+    return sch.fuse(*loops) if len(loops) > 1 else loops[0]
+
+
 def rule_knob(target, rule: str, knob: str, table: str | None = None) -> int:
     """``rule``'s ``knob`` for ``target``: measured (the table's texture entry) or default."""
     key = target_key(target) if target is not None else None
@@ -458,8 +463,7 @@ class LongRowReduction(dl.ScheduleRule):
         for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, block_loop, preserve_unit_loops=True)
             loops = sch.get_loops(info.block_rv)[-n_reduce:]
-            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            serial, lane = sch.split(fused, [None, threads])
+            serial, lane = sch.split(_fused(sch, loops), [None, threads])
             sch.bind(lane, "threadIdx.x")
             _unroll(sch, serial)
             for i in range(len(sch.get(info.block_rv).writes)):

@@ -133,11 +133,19 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
+def _is_reduction(block) -> bool:
+    return any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in block.iter_vars)
+
+
+def _reduction_blocks(func) -> list:
+    """``func``'s blocks that reduce, in program order."""
+    return [b for b in prim_blocks(func) if _is_reduction(b)]
+
+
 def _softmax_over_last(func, shape: tuple) -> bool:
     """Is ``func`` (a legalised softmax) normalising the last axis of ``shape``?  Its row
     statistics then have the shape without that axis."""
-    stats = [b for b in prim_blocks(func) if any(iv.iter_type == tvm.tirx.IterVar.CommReduce
-                                      for iv in b.iter_vars)]
+    stats = _reduction_blocks(func)
     if len(stats) != 2 or any([int(d) for d in b.writes[0].source.shape] != list(shape[:-1])
                               for b in stats):
         return False
@@ -211,19 +219,13 @@ def attention_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[li
 
 
 NORM_OPS = ("layer_norm", "rms_norm")
-#: Output widths the norm -> GEMM glue takes: a multiple of this.  One row is a GEMV (dlight's
-#: GEMV rule); some narrow widths (6, 10, 14 columns) leave dlight's padded GEMM tiles in a
-#: form where the statistics cannot be computed at the thread block -- projections are
-#: multiples of 16 wide in every zoo model.
-COLUMN_MULTIPLE = 16
 
 
 def _normalises_last(func, shape: tuple) -> bool:
     """Is ``func`` (a legalised layernorm / RMSNorm) reducing only the last axis of ``shape``?
     Each of its reductions then writes one value per row and runs over that axis -- the
     per-row statistics ``NormalisedMatmul`` computes for a row tile."""
-    stats = [b for b in prim_blocks(func) if any(iv.iter_type == tvm.tirx.IterVar.CommReduce
-                                      for iv in b.iter_vars)]
+    stats = _reduction_blocks(func)
     for block in stats:
         reduce = [iv for iv in block.iter_vars if iv.iter_type == tvm.tirx.IterVar.CommReduce]
         if len(block.writes) != 1 or \
@@ -254,8 +256,7 @@ def norm_matmul_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[
         if not mm.op.startswith("matmul") or len(operands) < 2 or \
                 not operands[0].same_as(norm.var) or \
                 any(o.same_as(norm.var) for o in operands[1:]) or not _static(mm.shape) or \
-                norm.shape[-2] < 2 or mm.shape[-1] % COLUMN_MULTIPLE or \
-                not norm_prologue_fits(norm.shape, target):
+                not norm_prologue_fits(norm.shape, target, columns=mm.shape[-1]):
             continue
         chains.append([norm.index, mm.index])
     return chains
@@ -453,8 +454,7 @@ class Planner:
         from ..tir.attention import shared_budget
 
         func = _call_tir_func(self.ecg.nodes[norm], self.mod)
-        blocks = [b for b in prim_blocks(func) if any(
-            iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in b.iter_vars)] if func else []
+        blocks = _reduction_blocks(func) if func else []
         if not blocks:
             return False
         row = 1
@@ -604,7 +604,7 @@ def operand_reuse(func) -> float:
         sizes[p.name] = None if None in dims else max(1, int(np.prod(dims))) if dims else 1
     worst = 0.0
     for block in prim_blocks(func):
-        if not any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+        if not _is_reduction(block):
             continue
         extents = [iv.dom.extent for iv in block.iter_vars]
         if any(not isinstance(e, tirx.IntImm) for e in extents):
