@@ -228,7 +228,14 @@ class FusedAttention(dl.ScheduleRule):
         batch, i, e, j = loops[:n_batch], loops[n_batch], loops[n_batch + 1], loops[-1]
         io, ii = sch.split(i, [None, rows])
         if texels:  # an image output: each lane owns whole texels (4 consecutive outputs)
-            eo, ex, e4 = sch.split(e, [None, min(LANES, head_dim // TEXEL), TEXEL])
+            # threadIdx.x spans a warp's LANES here as in the producers below: a smaller
+            # extent for this loop alone (16 texels of a 64-wide head) is not guarded by TVM --
+            # the launch takes the larger one and lanes 16..31 read V and write texels past
+            # the head (NVIDIA's OpenCL faults, PoCL did not show it).  Texels first, then the
+            # lanes, so the split's guard (texel < head_dim / 4) is free of the texel's lanes
+            # and the texel loop still vectorises.
+            et, e4 = sch.split(e, [None, TEXEL])
+            eo, ex = sch.split(et, [None, LANES])
             sch.reorder(*batch, io, ii, ex, eo, e4, j)
         elif stage_values:  # keys outside the lane's outputs: one P read serves all of them
             # each lane owns head_dim / LANES consecutive outputs: one register array (the

@@ -4,14 +4,18 @@ The smartmem pipeline hands the schedule rules kernels TVM's own fusion never ma
 partition folded into a layernorm's loads, a head split inside a matmul's reads.  Some dlight
 rules assume shapes of access they only ever met in TVM's kernels and fail with an assertion
 instead of declining.  Here a rule that raises is treated as one that does not apply, and the
-next rule gets the kernel (``gpu.Fallback`` last, which schedules anything).  Which rule took
-each kernel is recorded on it as ``smartmem.schedule_rule``, so reports can say.
+next rule gets the kernel (``gpu.Fallback`` last, which schedules anything); so is a rule whose
+schedule binds a thread axis with two extents in one kernel (``analysis.thread_extents``: TVM
+would run the smaller loop's body on every thread of the larger).  Which rule took each kernel
+is recorded on it as ``smartmem.schedule_rule``, so reports can say.
 """
 
 from __future__ import annotations
 
 import tvm
 from tvm import s_tir, tirx
+
+from ..analysis.thread_extents import mismatched_thread_extents
 
 RULE_ATTR = "smartmem.schedule_rule"
 
@@ -39,6 +43,8 @@ def apply_rules(func: tirx.PrimFunc, target, rules) -> tuple[tirx.PrimFunc | Non
         if space is None:
             continue
         sch = space if isinstance(space, s_tir.Schedule) else space[0]
+        if mismatched_thread_extents(sch.mod["main"]):  # would run threads out of range
+            continue
         return sch.mod["main"], type(rule).__name__
     return None, None
 
