@@ -299,8 +299,16 @@ class OpenCLModuleNode : public ffi::ModuleObj {
       if (n) api.clGetProgramBuildInfo(out->program, dev.id, CL_PROGRAM_BUILD_LOG, n, log.data(),
                                        nullptr);
       log.resize(std::strlen(log.c_str()));
+      std::string hint;
+      if (err == -9999 && log.find("error") == std::string::npos) {
+        // NVIDIA's driver answers the first call after a kernel fault with -9999: the build
+        // was fine, an earlier launch read or wrote out of range and broke the context
+        hint = "\n(the log holds no error: NVIDIA's OpenCL reports -9999 on the first call after "
+               "a kernel faulted -- an out-of-range access -- so an earlier kernel is the likely "
+               "cause; TVM_SMARTMEM_OPENCL_SYNC=1 waits after every launch and names it)";
+      }
       Fail("OpenCL kernel '" + info.name + "' failed to build on " + dev.name + " (" +
-           ErrorName(err) + "); build log:\n" + log);
+           ErrorName(err) + "); build log:\n" + log + hint);
     }
     out->kernel = api.clCreateKernel(out->program, info.name.c_str(), &err);
     Check(err, ("clCreateKernel(" + info.name + ")").c_str());
@@ -369,6 +377,19 @@ class OpenCLModuleNode : public ffi::ModuleObj {
          << global[2] << "], local [" << local[0] << ", " << local[1] << ", " << local[2]
          << "])";
       Fail(os.str());
+    }
+    // like CUDA_LAUNCH_BLOCKING: a fault is reported by the kernel that caused it, not by
+    // whichever later call the driver fails first
+    static const bool sync = [] {
+      const char* v = std::getenv("TVM_SMARTMEM_OPENCL_SYNC");
+      return v != nullptr && std::string(v) != "0" && std::string(v) != "";
+    }();
+    if (sync) {
+      err = api.clFinish(dev.queue);
+      if (err != CL_SUCCESS) {
+        Fail("OpenCL kernel '" + info.name + "' failed while running on " + dev.name + ": " +
+             ErrorName(err) + " (TVM_SMARTMEM_OPENCL_SYNC: waited after its launch)");
+      }
     }
   }
 
