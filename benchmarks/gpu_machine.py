@@ -52,19 +52,34 @@ SEED = 1234
 # =============================================================================================
 
 
+#: A weight with at most this many distinct values and elements travels exactly: a causal
+#: mask (0 and float32's minimum) regenerated from its mean and spread overflows to inf and
+#: makes every output NaN -- and NaN matched NaN (SD's text encoder, until this).
+EXACT_DISTINCT, EXACT_ELEMENTS = 16, 1 << 18
+
+
 def _weight_spec(params) -> list[dict]:
-    """Shapes and statistics of each weight: enough to regenerate look-alike random weights."""
+    """Shapes and statistics of each weight: enough to regenerate look-alike random weights;
+    masks, index tables and other few-valued tensors exactly (base64 of their bytes)."""
+    import base64
+
     import numpy as np
 
     out = []
     for p in params:
-        a = np.asarray(p, dtype=np.float64)
-        out.append({
-            "shape": list(p.shape), "dtype": str(p.dtype),
-            "mean": float(a.mean()) if a.size else 0.0,
-            "std": float(a.std()) if a.size else 0.0,
-            "nonnegative": bool(a.size and a.min() >= 0),
-        })
+        a = np.asarray(p)
+        wide = a.astype(np.float64)
+        spec = {"shape": list(a.shape), "dtype": str(a.dtype),
+                "mean": float(wide.mean()) if a.size else 0.0,
+                "std": float(wide.std()) if a.size else 0.0,
+                "nonnegative": bool(a.size and wide.min() >= 0)}
+        if a.size <= EXACT_ELEMENTS and len(np.unique(a)) <= EXACT_DISTINCT:
+            spec["exact"] = base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+        elif not np.isfinite(abs(spec["mean"]) + 8 * spec["std"]) or \
+                abs(spec["mean"]) + 8 * spec["std"] > float(np.finfo(np.float32).max):
+            raise ValueError(f"weight of shape {spec['shape']} cannot be regenerated from its "
+                             f"statistics (mean {spec['mean']:.3g}, std {spec['std']:.3g})")
+        out.append(spec)
     return out
 
 
@@ -202,11 +217,17 @@ def _setup_runtime(bundle: Path, site: Path) -> dict[str, str]:
 
 
 def _regenerate(spec: list[dict], seed: int):
+    import base64
+
     import numpy as np
 
     out = []
     for i, w in enumerate(spec):
         rng = np.random.default_rng(seed + i)
+        if "exact" in w:
+            raw = base64.b64decode(w["exact"])
+            out.append(np.frombuffer(raw, dtype=w["dtype"]).reshape(w["shape"]).copy())
+            continue
         if w["std"] == 0.0:
             a = np.full(w["shape"], w["mean"])
         else:

@@ -49,3 +49,32 @@ def test_merge_names_a_file_that_is_not_a_results_file(tmp_path):
     for path in (bad, tmp_path / "missing.json"):
         with pytest.raises(SystemExit, match=r"is not a gpu_results\.json"):
             gm.merge(argparse.Namespace(results=[str(path)], out=str(tmp_path / "m.json")))
+
+
+def test_masks_travel_exactly_and_weights_as_statistics():
+    """A causal mask (0 and float32's minimum) regenerated from its mean and spread overflowed
+    to inf and made SD's text encoder's reference all NaN; it now travels exactly, while a
+    real weight is regenerated with its statistics."""
+    import numpy as np
+
+    mask = np.triu(np.full((1, 1, 77, 77), np.finfo(np.float32).min, np.float32), 1)
+    weight = np.random.default_rng(0).normal(0.1, 0.02, (64, 32)).astype(np.float32)
+    spec = gm._weight_spec([mask, weight])
+    assert "exact" in spec[0] and "exact" not in spec[1]
+    back_mask, back_weight = gm._regenerate(spec, seed=3)
+    np.testing.assert_array_equal(back_mask, mask)
+    assert back_weight.shape == weight.shape and not np.array_equal(back_weight, weight)
+    assert abs(back_weight.mean() - 0.1) < 0.01 and abs(back_weight.std() - 0.02) < 0.005
+
+
+def test_a_reference_with_nan_matches_nothing():
+    """NaN == NaN was a perfect match: every build of SD's text encoder 'matched' a NaN
+    reference with error 0."""
+    import numpy as np
+
+    from tvm_smartmem import numerics
+
+    ref = np.full((2, 3), np.nan, np.float32)
+    assert numerics.compare([ref.copy()], [ref]) == (False, float("inf"))
+    finite = np.ones((2, 3), np.float32)
+    assert numerics.compare([finite + 1e-6], [finite])[0]

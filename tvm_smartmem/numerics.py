@@ -28,9 +28,14 @@ def tolerance(dtype: np.dtype | str) -> float:
 
 
 def max_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """Scale-normalised max error (see module docstring); shape mismatch is an infinite error."""
+    """Scale-normalised max error (see module docstring); a shape mismatch, or NaN anywhere in
+    the reference, is an infinite error."""
     out, ref = np.asarray(out), np.asarray(ref)
     if out.shape != ref.shape:
+        return float("inf")
+    if ref.dtype.kind in "fc" and np.isnan(ref).any():
+        # a reference holding NaN vouches for nothing: an all-NaN output would "match" it
+        # (seen: random weights that overflowed a mask made a whole reference NaN)
         return float("inf")
     if out.size == 0:
         return 0.0
