@@ -207,7 +207,7 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
                    "TunedMatmul", "LongRowReduction", "FusedAttention",
                    "PackActivationsToTexture", "SplitKMatmul", "RowReductionWithSideOutputs",
-                   "NormalisedMatmul")
+                   "NormalisedMatmul", "WindowReduction")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -223,7 +223,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
     "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul",
-                 "RowReductionWithSideOutputs", "NormalisedMatmul"),
+                 "RowReductionWithSideOutputs", "NormalisedMatmul", "WindowReduction"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one
@@ -245,7 +245,7 @@ def only_stages(spec: str) -> tuple[str, ...]:
 
 def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = False,
                   attention: bool = False, side_outputs: bool = False,
-                  norm_prologue: bool = False) -> list:
+                  norm_prologue: bool = False, windows: bool = False) -> list:
     from tvm.s_tir import dlight as dl
 
     from .tir.matmul import TunedMatmul
@@ -253,6 +253,10 @@ def _dlight_rules(tuned: bool = False, texture: bool = False, long_rows: bool = 
     matmul = TunedMatmul() if tuned else dl.gpu.Matmul()
     rules = [matmul, dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
              dl.gpu.Fallback()]
+    if windows:  # depthwise convolutions, poolings: one output per thread, not a row reduction
+        from .tir.window_reduction import WindowReduction
+
+        rules.insert(3, WindowReduction())
     if long_rows:  # few long rows (GroupNorm): before dlight's general reduction
         from .tir.schedules import LongRowReduction
 
@@ -295,7 +299,8 @@ def gpu_rules(disable: frozenset = frozenset(), texture: bool = False) -> list:
                          long_rows="LongRowReduction" not in disable,
                          attention="FusedAttention" not in disable, texture=texture,
                          side_outputs="RowReductionWithSideOutputs" not in disable,
-                         norm_prologue="NormalisedMatmul" not in disable)
+                         norm_prologue="NormalisedMatmul" not in disable,
+                         windows="WindowReduction" not in disable)
 
 
 def gpu_schedules(disable: frozenset = frozenset(), texture: bool = False) -> tvm.transform.Pass:
