@@ -101,7 +101,8 @@ def test_stage_selection():
                                                                  "FusedAttention",
                                                                  "SplitKMatmul",
                                                                  "RowReductionWithSideOutputs",
-                                                                 "NormalisedMatmul")
+                                                                 "NormalisedMatmul",
+                                                                 "WindowReduction")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")
