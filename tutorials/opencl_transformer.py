@@ -111,8 +111,11 @@ np.testing.assert_array_equal(image.numpy(), x)
 # shipped ``tvm_smartmem/tir/matmul_configs.json`` keeps weights in buffers on desktop OpenCL
 # (texture GEMMs ran at 0.77x of buffer GEMMs on an H100,
 # ``benchmarks/results/texture_matmul_h100.md``); on a mobile GPU, measure yours with
-# ``benchmarks/texture_matmul_sweep.py``.  Here we ask for images explicitly to see them.
+# ``benchmarks/texture_matmul_sweep.py``.  The same holds for the activations below (whole
+# models with activations in images ran at 0.75x of the buffer builds on the H100,
+# ``benchmarks/results/gpu_h100_b0ec827.md``).  Here we ask for images explicitly to see them.
 os.environ["TVM_SMARTMEM_TEXTURE_WEIGHTS"] = "always"
+os.environ["TVM_SMARTMEM_TEXTURE_ACTIVATIONS"] = "always"
 texture_target = targets.get("opencl-texture")
 kernels = smartmem_pipeline(texture_target, phases=UP_TO_KERNELS)(mod)
 print("texture weights:", texture_weights_of(kernels["main"]))
