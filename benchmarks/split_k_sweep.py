@@ -10,7 +10,8 @@ into the ``split_k`` key of each target's entry in ``tvm_smartmem/tir/matmul_con
     python benchmarks/split_k_sweep.py prepare               # here: build, bundle
     # device tool `run`, carry [".device/splitk"]:
     #   python3 benchmarks/split_k_sweep.py measure --bundle .device/splitk --out $OUT
-    python benchmarks/split_k_sweep.py report --results <files_at>/splitk_results.json
+    python benchmarks/split_k_sweep.py report --results <files_at>/splitk_results.json \
+        [--adopt cuda]   # only the targets whose choice also won on whole models
 
 Every variant is checked against numpy before it is timed; a policy is scored by the geometric
 mean of its speedup over the unsplit GEMM across all shapes (the shapes it leaves whole count
@@ -182,6 +183,18 @@ def choose(times: dict, shapes: list[dict], tile, step) -> tuple[dict, dict[str,
     return best
 
 
+def adopt_policy(entry: dict, chosen: dict, geo: float, measured: str, device: str) -> None:
+    """Write a sweep's policy into a target's table entry -- or drop split-K there when no
+    policy beat the whole GEMMs.  Per-shape scores miss what happens around a GEMM (LeViT's
+    K = 256 GEMMs left whole by OpenCL's choice ran slower end to end, gpu_h100_b0ec827.md), so
+    ``report --adopt`` names the targets whose choice was also confirmed on whole models."""
+    if geo > 1.0:
+        entry["split_k"] = {**chosen, "measured": measured, "geomean_speedup": round(geo, 3),
+                            "device": device}
+    else:
+        entry.pop("split_k", None)
+
+
 def report(args: argparse.Namespace) -> None:
     from tvm_smartmem import targets
     from tvm_smartmem.transform.split_k import gemm_tile
@@ -221,13 +234,13 @@ def report(args: argparse.Namespace) -> None:
             plot_rows.append((f"{target_name}:{s['name']}", base / ours))
         md += ["", f"Chosen policy: `{json.dumps(chosen)}` (tile {list(tile)}, step "
                f"{step}), geomean **{geo:.2f}x** over the whole GEMMs.", ""]
-        entry = table.setdefault(target_name, {})
-        if geo > 1.0:
-            entry["split_k"] = {**chosen, "measured": f"benchmarks/results/{stem}.json",
-                                "geomean_speedup": round(geo, 3),
-                                "device": data["machine"]["cuda_device"]}
+        adopted = not args.adopt or target_name in args.adopt.split(",")
+        if adopted:
+            adopt_policy(table.setdefault(target_name, {}), chosen, geo,
+                         f"benchmarks/results/{stem}.json", data["machine"]["cuda_device"])
         else:
-            entry.pop("split_k", None)
+            md += [f"Not adopted for {target_name} (`--adopt {args.adopt}`): the table keeps "
+                   f"`{json.dumps(table.get(target_name, {}).get('split_k'))}`.", ""]
     _plot(plot_rows, out_dir / f"{stem}.png", data["machine"]["cuda_device"])
     md.append(f"Plot: `benchmarks/results/{stem}.png`")
     ms.write_report(out_dir / f"{stem}.md", md, args.command, table_path, table)
@@ -264,6 +277,9 @@ def main() -> None:
     r.add_argument("--results", required=True)
     r.add_argument("--name", default="split_k_h200")
     r.add_argument("--command", default="see the docstring of benchmarks/split_k_sweep.py")
+    r.add_argument("--adopt", default="",
+                   help="write the chosen policy into the table only for these targets (a,b; "
+                        "default: every target measured) -- after timing whole models with it")
     args = p.parse_args()
     {"prepare": prepare, "measure": measure, "report": report}[args.cmd](args)
 

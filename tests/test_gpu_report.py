@@ -78,3 +78,17 @@ def test_a_reference_with_nan_matches_nothing():
     assert numerics.compare([ref.copy()], [ref]) == (False, float("inf"))
     finite = np.ones((2, 3), np.float32)
     assert numerics.compare([finite + 1e-6], [finite])[0]
+
+
+def test_split_k_policy_is_written_or_dropped():
+    """The sweep's choice goes into a target's entry with where it was measured; a sweep in
+    which no split beat the whole GEMMs removes split-K from that target."""
+    import split_k_sweep as sk
+
+    entry = {"other": 1, "split_k": {"min_blocks": 264, "min_chunk": 128}}
+    sk.adopt_policy(entry, {"min_blocks": 792, "min_chunk": 64}, 1.886, "r.json", "H100")
+    assert entry == {"other": 1, "split_k": {"min_blocks": 792, "min_chunk": 64,
+                                             "measured": "r.json", "geomean_speedup": 1.886,
+                                             "device": "H100"}}
+    sk.adopt_policy(entry, {}, 0.97, "r.json", "H100")
+    assert entry == {"other": 1}
