@@ -255,6 +255,37 @@ def test_no_opencl_platform_is_a_clear_error():
     assert "no-such-vendor" in lines[1]
 
 
+def test_sync_mode_waits_after_every_launch_and_keeps_the_values(dev):
+    """``TVM_SMARTMEM_OPENCL_SYNC=1`` (read once per process): every launch is followed by a
+    wait, with the launch debug print naming each kernel; the values are those of the normal
+    mode.  (A kernel that faults cannot be made on PoCL; on NVIDIA the wait names it.)"""
+    code = (
+        "import numpy as np, tvm\n"
+        "from tvm import te\n"
+        "from tvm.s_tir import dlight as dl\n"
+        "from tvm_smartmem import targets\n"
+        "x = te.placeholder((1000,), name='x')\n"
+        "y = te.compute((1000,), lambda i: x[i] * 3.0 + 1.0, name='y')\n"
+        "mod = tvm.IRModule({'main': te.create_prim_func([x, y])})\n"
+        "tgt = targets.get('opencl')\n"
+        "with tgt:\n"
+        "    mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)\n"
+        "f = tvm.compile(mod, tgt)\n"
+        "dev = tvm.opencl(0)\n"
+        "a = np.arange(1000, dtype='float32')\n"
+        "out = tvm.runtime.empty((1000,), 'float32', dev)\n"
+        "for _ in range(3):\n"
+        "    f['main'](tvm.runtime.tensor(a, dev), out)\n"
+        "print(float(np.abs(out.numpy() - (a * 3 + 1)).max()))\n"
+    )
+    env = {**os.environ, "TVM_SMARTMEM_OPENCL_SYNC": "1", "TVM_SMARTMEM_OPENCL_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0.0"
+    assert proc.stderr.count("[smartmem-opencl] module") == 3  # three launches, each reported
+
+
 # -- runners -------------------------------------------------------------------------------
 
 
