@@ -46,6 +46,20 @@ def _fused(sch: s_tir.Schedule, loops: list):
     return sch.fuse(*loops) if len(loops) > 1 else loops[0]
 
 
+def producers_under_thread(sch: s_tir.Schedule, thread, writer: str) -> None:
+    """Every block but ``writer``, last to first, computed under the thread loop ``thread``
+    with what it writes in registers: the rules that give each thread one output (or texel)
+    compute all that output needs in that thread."""
+    from ..analysis.classify import prim_blocks
+
+    rest = [b for b in prim_blocks(sch.mod["main"]) if b.name_hint != writer]
+    for block in reversed(rest):
+        rv = sch.get_sblock(block.name_hint)
+        sch.compute_at(rv, thread, preserve_unit_loops=True)
+        for i in range(len(block.writes)):
+            sch.set_scope(rv, i, "local")
+
+
 def rule_knob(target, rule: str, knob: str, table: str | None = None) -> int:
     """``rule``'s ``knob`` for ``target``: measured (the table's texture entry) or default."""
     key = target_key(target) if target is not None else None
@@ -418,13 +432,7 @@ class TextureFallback(dl.ScheduleRule):
                                 self.threads or rule_knob(target, "TextureFallback", "threads"))
         if tx is None:
             return None
-        rest = [b for b in prim_blocks(sch.mod["main"])
-                if b.name_hint != sch.get(writer).name_hint]
-        for block in reversed(rest):  # producers last to first, each under the thread
-            rv = sch.get_sblock(block.name_hint)
-            sch.compute_at(rv, tx, preserve_unit_loops=True)
-            for i in range(len(block.writes)):
-                sch.set_scope(rv, i, "local")  # per-thread intermediates live in registers
+        producers_under_thread(sch, tx, sch.get(writer).name_hint)
         return stage_texture_writes(sch)
 
 

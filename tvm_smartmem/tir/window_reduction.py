@@ -23,18 +23,14 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
 from ..analysis.classify import prim_blocks
-from .schedules import _is_gemm
-from .texture import is_texture
-
-#: reduction iterators (``IterVar.CommReduce``)
-_REDUCE = 2
+from .schedules import _fused, _is_gemm, producers_under_thread, texture_params
 
 
 def window_size(block) -> int | None:
     """Elements one output of ``block`` reduces over (None: a symbolic extent)."""
     size = 1
     for iv in block.iter_vars:
-        if int(iv.iter_type) != _REDUCE:
+        if iv.iter_type != tirx.IterVar.CommReduce:
             continue
         if not isinstance(iv.dom.extent, tirx.IntImm):
             return None
@@ -57,7 +53,7 @@ class WindowReduction(dl.ScheduleRule):
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
             return None
-        if any(is_texture(p) for p in func.params if hasattr(p, "shape")):
+        if texture_params(func):
             return None  # images take whole texels: TextureFallback's business
         blocks = prim_blocks(func)
         reductions = [b for b in blocks if b.init is not None]
@@ -91,16 +87,10 @@ class WindowReduction(dl.ScheduleRule):
         loops = sch.get_loops(out)
         spatial = math.prod(int(sch.get(lp).extent) for lp in loops)
         threads = min(self.threads, 1 << max(spatial - 1, 1).bit_length())
-        bx, tx = sch.split(sch.fuse(*loops), [None, threads])
+        bx, tx = sch.split(_fused(sch, loops), [None, threads])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
-        out_name = sch.get(out).name_hint
-        rest = [b for b in prim_blocks(sch.mod["main"]) if b.name_hint != out_name]
-        for block in reversed(rest):  # producers last to first, each under the thread
-            rv = sch.get_sblock(block.name_hint)
-            sch.compute_at(rv, tx, preserve_unit_loops=True)
-            for i in range(len(block.writes)):
-                sch.set_scope(rv, i, "local")
+        producers_under_thread(sch, tx, sch.get(out).name_hint)
         sch.annotate(bx, "pragma_auto_unroll_max_step", self.max_window)
         sch.annotate(bx, "pragma_unroll_explicit", 1)
         return sch
