@@ -200,6 +200,10 @@ def report(args: argparse.Namespace) -> None:
     from tvm_smartmem.transform.split_k import gemm_tile
 
     data = json.loads(Path(args.results).read_text())
+    unknown = set(filter(None, args.adopt.split(","))) - set(data["times"])
+    if unknown:
+        raise SystemExit(f"report --adopt: {', '.join(sorted(unknown))} not measured in "
+                         f"{args.results} (measured: {', '.join(data['times'])})")
     out_dir = ROOT / "benchmarks" / "results"
     stem = args.name
     data["command"] = args.command
