@@ -338,8 +338,10 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                 runner = LocalRunner(device, repeat=args.repeat, number=args.number,
                                      warmup=args.warmup)
                 module = load_runnable(models_dir / name / b["library"])
-                outs = runner.outputs(module, inputs, params)
+                # twenty calls on one VM, all the same bits: no race between thread blocks
+                outs, repeatable = runner.repeated_outputs(module, inputs, params, calls=20)
                 ok, err = numerics.compare(outs, ref)
+                row["repeatable"] = repeatable
                 profile = name in args.profile.split(",")
                 timing = runner.run(module, inputs, params, profile=profile)
                 if profile:  # per kernel, synchronised around each call: for ranking only
@@ -514,6 +516,8 @@ def report(args: argparse.Namespace) -> None:
             row = m["builds"].get(b, {})
             if "median_ms" in row:
                 mark = "" if row.get("matches_onnxruntime") else " (MISMATCH)"
+                if row.get("repeatable") is False:  # calls disagreed: a race somewhere
+                    mark += " (UNSTABLE)"
                 cells.append(f"{row['median_ms']:.3f}{mark}")
             else:  # an error recorded, or a build the call never reached (its --deadline)
                 cells.append("error" if row.get("error") or (m.get("error") and
@@ -607,6 +611,8 @@ def _speedup(model: dict, base: str, ours: str) -> float | None:
     """Baseline latency over smartmem latency, only when both ran and both are correct."""
     a, b = model["builds"].get(base, {}), model["builds"].get(ours, {})
     if not (a.get("matches_onnxruntime") and b.get("matches_onnxruntime")):
+        return None
+    if a.get("repeatable") is False or b.get("repeatable") is False:
         return None
     return a["median_ms"] / b["median_ms"]
 

@@ -92,3 +92,63 @@ def test_split_k_policy_is_written_or_dropped():
                                              "device": "H100"}}
     sk.adopt_policy(entry, {}, 0.97, "r.json", "H100")
     assert entry == {"other": 1}
+
+
+def test_an_unstable_build_has_no_speedup():
+    """Calls that disagreed (``repeatable`` False: a race between thread blocks) void the
+    comparison, as a mismatch with ONNX Runtime does."""
+    data = _results({"baseline-cuda": 4.0, "smartmem-cuda": 2.0}, "abc")
+    model = data["models"]["m"]
+    assert gm._speedup(model, "baseline-cuda", "smartmem-cuda") == 2.0
+    model["builds"]["smartmem-cuda"]["repeatable"] = False
+    assert gm._speedup(model, "baseline-cuda", "smartmem-cuda") is None
+
+
+def test_repeated_outputs_notice_a_kernel_that_changes_between_calls():
+    """The runner's check itself: a deterministic module repeats, one whose output depends on
+    a counter kept across calls (what a split-K counter left non-zero would do) does not."""
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from tvm_smartmem.measure import LocalRunner
+
+    @T.prim_func(s_tir=True)
+    def bump(x: T.Buffer((4,), "float32"), state: T.Buffer((1,), "float32"),
+             y: T.Buffer((4,), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i in range(4):
+            with T.sblock("y"):
+                v = T.axis.spatial(4, i)
+                y[v] = x[v] + state[0]
+        with T.sblock("s"):
+            state[0] = state[0] + T.float32(1)
+
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    gv = bb.add_func(bump, "bump")
+    with bb.function("main", [x]):
+        state = relax.const(np.zeros(1, "float32"))
+        out = bb.emit(relax.call_tir(gv, relax.Tuple([x, state]),
+                                     relax.TensorType((4,), "float32")))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), "llvm")
+    runner = LocalRunner("cpu")
+    _, stable = runner.repeated_outputs(ex, [np.ones(4, "float32")], calls=3)
+    assert stable is False
+    plain = tvm.compile(_identity_module(), "llvm")
+    first, stable = runner.repeated_outputs(plain, [np.ones(4, "float32")], calls=3)
+    assert stable is True and np.array_equal(first[0], np.ones(4, "float32") * 2)
+
+
+def _identity_module():
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4,), "float32"))
+    with bb.function("main", [x]):
+        out = bb.emit(relax.op.add(x, x))
+        bb.emit_func_output(out)
+    return bb.get()

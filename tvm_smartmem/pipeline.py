@@ -184,6 +184,11 @@ def tir_passes(target: Target, smartmem: bool = True,
 
         passes.append(PackActivationsToTexture(target, gpu_rules(disable, texture)))
     passes.append(gpu_schedules(disable, texture) if smartmem else default_gpu_schedules())
+    if smartmem and "FuseSplitKReduction" not in disable:
+        # a split-K GEMM and the element-wise kernel summing its partial products: one kernel
+        from .transform.fuse_split_k_reduction import FuseSplitKReduction
+
+        passes.append(FuseSplitKReduction(target))
     if texture:
         # texture-scoped buffers (packed weights) become image reads / writes; a no-op for
         # kernels without them, and not optional where they exist
@@ -207,7 +212,7 @@ SMARTMEM_PASSES = ("RecogniseNormalization", "MathPropertyRewrite", "RecogniseRo
                    "FusePlan", "InlineDataMovement", "SimplifyIndices", "BlockedReductions",
                    "TunedMatmul", "LongRowReduction", "FusedAttention",
                    "PackActivationsToTexture", "SplitKMatmul", "RowReductionWithSideOutputs",
-                   "NormalisedMatmul", "WindowReduction")
+                   "NormalisedMatmul", "WindowReduction", "FuseSplitKReduction")
 
 
 #: The smartmem stages an ablation switches on, each with what it needs: the layout decisions
@@ -223,7 +228,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "weights": ("CombineParallelMatmuls", "SelectLayouts", "PackWeightsToTexture",
                 "LiftWeightTransforms"),
     "schedule": ("TunedMatmul", "LongRowReduction", "FusedAttention", "SplitKMatmul",
-                 "RowReductionWithSideOutputs", "NormalisedMatmul", "WindowReduction"),
+                 "RowReductionWithSideOutputs", "NormalisedMatmul", "WindowReduction",
+                 "FuseSplitKReduction"),
 }
 
 #: The cumulative ablation: each step adds one stage; the whole pipeline adds the last one

@@ -197,6 +197,24 @@ class _Runner:
         out = vm["main"](*self._upload(inputs, dev), *weights)
         return flatten_outputs(out)
 
+    def repeated_outputs(
+        self, executable: Any, inputs: Sequence[np.ndarray], params: Sequence[np.ndarray] = (),
+        calls: int = 20,
+    ) -> tuple[list[np.ndarray], bool]:
+        """(outputs of the first of ``calls`` runs of ``main`` on one virtual machine, whether
+        every run gave the same bits).  Our kernels are deterministic, so a difference is a
+        race -- e.g. between the thread blocks of a kernel that synchronise through memory, as
+        a split-K GEMM summing its own partial products does (``FuseSplitKReduction``)."""
+        vm, dev = self._vm(executable)
+        args = self._upload(inputs, dev) + prepare_weights(vm, self._upload(params, dev))
+        first = flatten_outputs(vm["main"](*args))
+        same = True
+        for _ in range(calls - 1):
+            again = flatten_outputs(vm["main"](*args))
+            same = same and all(np.array_equal(a, b, equal_nan=True)
+                                for a, b in zip(first, again, strict=True))
+        return first, same
+
     def run(
         self, executable: Any, inputs: Sequence[np.ndarray], params: Sequence[np.ndarray] = (),
         *, profile: bool = False,
