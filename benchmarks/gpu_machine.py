@@ -342,6 +342,9 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                 outs, repeatable = runner.repeated_outputs(module, inputs, params, calls=20)
                 ok, err = numerics.compare(outs, ref)
                 row["repeatable"] = repeatable
+                if not repeatable and args.races:  # which kernel: the first that diverges
+                    row["divergence"] = runner.first_divergence(module, inputs, params,
+                                                                runs=args.races)
                 profile = name in args.profile.split(",")
                 timing = runner.run(module, inputs, params, profile=profile)
                 if profile:  # per kernel, synchronised around each call: for ranking only
@@ -457,7 +460,7 @@ def measure(args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
                "--out", str(part), "--repeat", str(args.repeat), "--number", str(args.number),
                "--warmup", str(args.warmup), "--profile", args.profile,
-               "--builds", args.builds, *job]
+               "--builds", args.builds, "--races", str(args.races), *job]
         left = deadline - time.monotonic() if deadline else None
         if left is not None and left < 15:  # no time for a model: say so rather than be cut
             merged.setdefault("models", {})[job[-1]] = {
@@ -706,6 +709,9 @@ def main() -> None:
     m.add_argument("--builds", default="",
                    help="only these builds (a,b,...: pipeline-target names, e.g. "
                         "smartmem-opencl-texture)")
+    m.add_argument("--races", type=int, default=0,
+                   help="for a build whose repeated calls disagree, run it this many times "
+                        "kernel by kernel and record the first kernel whose outputs differ")
     m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage 2: one model
     m.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)

@@ -109,9 +109,23 @@ def test_repeated_outputs_notice_a_kernel_that_changes_between_calls():
     a counter kept across calls (what a split-K counter left non-zero would do) does not."""
     import numpy as np
     import tvm
-    from tvm.script import tirx as T
 
     from tvm_smartmem.measure import LocalRunner
+
+    ex = tvm.compile(_stateful_module(), "llvm")
+    runner = LocalRunner("cpu")
+    _, stable = runner.repeated_outputs(ex, [np.ones(4, "float32")], calls=3)
+    assert stable is False
+    plain = tvm.compile(_identity_module(), "llvm")
+    first, stable = runner.repeated_outputs(plain, [np.ones(4, "float32")], calls=3)
+    assert stable is True and np.array_equal(first[0], np.ones(4, "float32") * 2)
+
+
+def _stateful_module():
+    """``main(x) = x + state`` with ``state`` a constant the kernel bumps after each call."""
+    import numpy as np
+    from tvm import relax
+    from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def bump(x: T.Buffer((4,), "float32"), state: T.Buffer((1,), "float32"),
@@ -124,7 +138,6 @@ def test_repeated_outputs_notice_a_kernel_that_changes_between_calls():
         with T.sblock("s"):
             state[0] = state[0] + T.float32(1)
 
-    from tvm import relax
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((4,), "float32"))
@@ -134,13 +147,7 @@ def test_repeated_outputs_notice_a_kernel_that_changes_between_calls():
         out = bb.emit(relax.call_tir(gv, relax.Tuple([x, state]),
                                      relax.TensorType((4,), "float32")))
         bb.emit_func_output(out)
-    ex = tvm.compile(bb.get(), "llvm")
-    runner = LocalRunner("cpu")
-    _, stable = runner.repeated_outputs(ex, [np.ones(4, "float32")], calls=3)
-    assert stable is False
-    plain = tvm.compile(_identity_module(), "llvm")
-    first, stable = runner.repeated_outputs(plain, [np.ones(4, "float32")], calls=3)
-    assert stable is True and np.array_equal(first[0], np.ones(4, "float32") * 2)
+    return bb.get()
 
 
 def _identity_module():
@@ -152,3 +159,20 @@ def _identity_module():
         out = bb.emit(relax.op.add(x, x))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def test_first_divergence_names_the_kernel_that_changes():
+    """The race finder on the CPU: the stateful kernel of the module above is the first call
+    whose arguments differ between runs; a deterministic module has none."""
+    import numpy as np
+    import tvm
+
+    from tvm_smartmem.measure import LocalRunner
+
+    runner = LocalRunner("cpu")
+    plain = tvm.compile(_identity_module(), "llvm")
+    assert runner.first_divergence(plain, [np.ones(4, "float32")], runs=3) is None
+    found = runner.first_divergence(tvm.compile(_stateful_module(), "llvm"),
+                                    [np.ones(4, "float32")], runs=3)
+    assert found is not None and found["kernel"] == "bump" and found["run"] == 1
+    assert found["max_abs_diff"] == 1.0

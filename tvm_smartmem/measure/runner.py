@@ -215,6 +215,49 @@ class _Runner:
                                 for a, b in zip(first, again, strict=True))
         return first, same
 
+    def first_divergence(
+        self, executable: Any, inputs: Sequence[np.ndarray], params: Sequence[np.ndarray] = (),
+        runs: int = 5,
+    ) -> dict | None:
+        """Where repeated runs of ``main`` first part ways, kernel by kernel: None when ``runs``
+        runs give the same bits after every kernel call, else the first call (in program
+        order) after which an argument differs from the first run -- its inputs were the same
+        bits, so that kernel races (or reads memory nothing wrote).  ``{"call", "kernel",
+        "argument", "max_abs_diff", "run"}``."""
+        vm, dev = self._vm(executable)
+        args = self._upload(inputs, dev) + prepare_weights(vm, self._upload(params, dev))
+        reference: list = []
+        for run in range(runs):
+            record: list = []
+
+            def instrument(func, name, before, ret, *call_args, _record=record):
+                name = str(name)
+                if before or name.startswith("vm.builtin."):
+                    return 0
+                dev.sync()
+                _record.append((name, [a.numpy().copy() if hasattr(a, "numpy") else None
+                                      for a in call_args]))
+                return 0
+
+            vm.set_instrument(tvm.runtime.convert(instrument))
+            try:
+                vm["main"](*args)
+                dev.sync()
+            finally:
+                vm.set_instrument(None)
+            if run == 0:
+                reference = record
+                continue
+            for call, ((name, got), (_, want)) in enumerate(zip(record, reference,
+                                                                strict=False)):
+                for k, (a, b) in enumerate(zip(got, want, strict=False)):
+                    if a is None or b is None or np.array_equal(a, b, equal_nan=True):
+                        continue
+                    diff = np.abs(a.astype("float64") - b.astype("float64"))
+                    return {"call": call, "kernel": name, "argument": k, "run": run,
+                            "max_abs_diff": float(np.nanmax(diff)) if diff.size else 0.0}
+        return None
+
     def run(
         self, executable: Any, inputs: Sequence[np.ndarray], params: Sequence[np.ndarray] = (),
         *, profile: bool = False,
