@@ -203,9 +203,15 @@ def _setup_runtime(bundle: Path, site: Path) -> dict[str, str]:
                         "--no-deps", "--no-compile", "--target", str(site), *wheels], check=True)
         with tarfile.open(bundle / "tvm_runtime.tar.gz") as tar:
             tar.extractall(site, filter="data")
-    if not (site / "models").exists():
+    # the models unpacked in ``site`` must be this bundle's: a site reused for another bundle
+    # would run the other bundle's libraries under this bundle's names (it did, once)
+    stamp = site / "models" / ".bundle"
+    ident = f"{bundle.resolve()} {(bundle / 'manifest.json').stat().st_mtime_ns}"
+    if not stamp.exists() or stamp.read_text() != ident:
+        shutil.rmtree(site / "models", ignore_errors=True)
         with tarfile.open(bundle / "models.tar.gz") as tar:
             tar.extractall(site, filter="data")
+        stamp.write_text(ident)
     env = dict(os.environ)
     env["SMARTMEM_BUNDLE_MODELS"] = str(site / "models")
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
@@ -339,12 +345,13 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                                      warmup=args.warmup)
                 module = load_runnable(models_dir / name / b["library"])
                 # twenty calls on one VM, all the same bits: no race between thread blocks
-                outs, repeatable = runner.repeated_outputs(module, inputs, params, calls=20)
+                outs, repeatable = runner.repeated_outputs(module, inputs, params,
+                                                           calls=args.calls)
                 ok, err = numerics.compare(outs, ref)
                 row["repeatable"] = repeatable
-                if not repeatable and args.races:  # which kernel: the first that diverges
+                if args.races and (not repeatable or args.races < 0):  # where it diverges
                     row["divergence"] = runner.first_divergence(module, inputs, params,
-                                                                runs=args.races)
+                                                                runs=abs(args.races))
                 profile = name in args.profile.split(",")
                 timing = runner.run(module, inputs, params, profile=profile)
                 if profile:  # per kernel, synchronised around each call: for ranking only
@@ -460,7 +467,8 @@ def measure(args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "measure", "--stage2", "--bundle", str(bundle),
                "--out", str(part), "--repeat", str(args.repeat), "--number", str(args.number),
                "--warmup", str(args.warmup), "--profile", args.profile,
-               "--builds", args.builds, "--races", str(args.races), *job]
+               "--builds", args.builds, "--races", str(args.races),
+               "--calls", str(args.calls), *job]
         left = deadline - time.monotonic() if deadline else None
         if left is not None and left < 15:  # no time for a model: say so rather than be cut
             merged.setdefault("models", {})[job[-1]] = {
@@ -711,7 +719,10 @@ def main() -> None:
                         "smartmem-opencl-texture)")
     m.add_argument("--races", type=int, default=0,
                    help="for a build whose repeated calls disagree, run it this many times "
-                        "kernel by kernel and record the first kernel whose outputs differ")
+                        "kernel by kernel and record the first kernel whose outputs differ "
+                        "(negative: every build, repeatable or not)")
+    m.add_argument("--calls", type=int, default=20,
+                   help="calls of each build on one VM that must give the same bits")
     m.add_argument("--stage2", action="store_true", help=argparse.SUPPRESS)
     m.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage 2: one model
     m.add_argument("--peers-only", action="store_true", help=argparse.SUPPRESS)
