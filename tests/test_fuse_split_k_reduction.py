@@ -22,6 +22,16 @@ from tvm_smartmem.transform.fuse_split_k_reduction import _unfuse
 OPENCL = targets.get("opencl")
 
 
+@pytest.fixture(autouse=True)
+def _opencl_too(monkeypatch):
+    """The pass is CUDA-only by default (OpenCL C 1.2 has no device-wide fence); PoCL's CPU
+    device has coherent caches, so here it also runs on OpenCL and the transformation's
+    numerics are checked by running it."""
+    from tvm_smartmem.transform import fuse_split_k_reduction
+
+    monkeypatch.setenv(fuse_split_k_reduction.ENV, "all")
+
+
 def _vm_calls(ex, dev, inputs: list, params: list) -> list[np.ndarray]:
     """Call ``main`` once per input on ONE virtual machine: the counters the fused kernel
     keeps in its constant must be back at zero after every launch for the next to sum."""
@@ -156,11 +166,22 @@ def test_split_factor_and_tiles_cover_every_output(monkeypatch, m):
     assert math.isfinite(float(np.abs(out).max()))
 
 
-def test_the_environment_switch_leaves_the_pairs_apart(monkeypatch):
+def test_the_environment_switch_and_the_default_targets(monkeypatch):
+    """``off`` leaves the pairs apart, the default ``on`` fuses on CUDA only (OpenCL has no
+    device-wide fence), ``all`` on OpenCL too; anything else is an error naming the values."""
     from tvm_smartmem.transform import fuse_split_k_reduction
 
     monkeypatch.setenv(split_k.ENV, "4")
+    mod = _linear(40, 512, 96, (1,), "gelu")
+    cuda = targets.get("cuda")
     monkeypatch.setenv(fuse_split_k_reduction.ENV, "off")
-    assert _compile(_linear(40, 512, 96, (1,), "gelu"))[1].kernels == 2
+    assert _compile(mod)[1].kernels == 2
+    assert compile_with(mod, cuda, "smartmem")[1].kernels == 2
     monkeypatch.setenv(fuse_split_k_reduction.ENV, "on")
-    assert _compile(_linear(40, 512, 96, (1,), "gelu"))[1].kernels == 1
+    assert _compile(mod)[1].kernels == 2
+    assert compile_with(mod, cuda, "smartmem")[1].kernels == 1
+    monkeypatch.setenv(fuse_split_k_reduction.ENV, "all")
+    assert _compile(mod)[1].kernels == 1
+    monkeypatch.setenv(fuse_split_k_reduction.ENV, "sometimes")
+    with pytest.raises(Exception, match="on, all, off"):
+        _compile(mod)

@@ -33,8 +33,15 @@ launch more):
 
 Two launches of the fused kernel never overlap (one stream), which is what lets them share
 their counters; a concurrent second inference on another stream would need its own module.
-``TVM_SMARTMEM_SPLIT_K_REDUCTION=off`` leaves the pairs apart (to measure the difference;
-``disable=("FuseSplitKReduction",)`` does the same per pipeline).
+Which targets: the hand-over between thread blocks needs a *device-wide* release fence
+before the count.  CUDA has one (``__threadfence``), so there the pass is on.  OpenCL C 1.2
+does not: ``mem_fence(CLK_GLOBAL_MEM_FENCE)`` orders a work-item's accesses as seen by its own
+work-group only (NVIDIA documents it so), and no launch order or fence makes another
+work-group's stores visible -- so on OpenCL targets the pairs stay two kernels unless asked
+for.  ``TVM_SMARTMEM_SPLIT_K_REDUCTION`` = ``on`` (default: CUDA), ``all`` (OpenCL too, with
+``mem_fence`` and ``atomic_add``: correct where caches are coherent, as on PoCL's CPU device,
+which is how the tests exercise the transformation's numerics) or ``off`` (to measure the
+difference; ``disable=("FuseSplitKReduction",)`` does the same per pipeline).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ CLK_GLOBAL_MEM_FENCE = 2
 CACHE_LINE = 128
 RULE = "smartmem.schedule_rule"
 ENV = "TVM_SMARTMEM_SPLIT_K_REDUCTION"
+MODES = ("on", "all", "off")
 
 
 @dataclasses.dataclass
@@ -600,7 +608,10 @@ class FuseSplitKReduction:
         target = self.target or Target.current(allow_none=True)
         if target is None or target.kind.name not in ("cuda", "opencl"):
             return mod
-        if os.environ.get(ENV, "on").lower() in ("off", "0", "no"):
+        mode = os.environ.get(ENV, "on").lower()
+        if mode not in MODES:
+            raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "off" or (mode == "on" and target.kind.name != "cuda"):
             return mod
         builder = relax.BlockBuilder(mod)
         total = 0
