@@ -38,13 +38,18 @@ Fused attention kernels read Q / K / V from images and write their output as tex
 the lanes, which its GEMM cannot write, so it stays a buffer (the reason says so).  Graph inputs
 and outputs, and tensors read by anything but kernels (views, tuples), are never placed.
 
-Whether images pay is a property of the device, as for weights: the ``opencl-texture`` entry
-of ``tir/matmul_configs.json`` may say ``texture_activations: buffer`` for a measured device,
-an unmeasured one packs; ``TVM_SMARTMEM_TEXTURE_ACTIVATIONS=always|never|measured``
-overrides.  The decisions are recorded as ``smartmem.texture_activations`` on the
-function (``images``: tensor -> image extents, ``kept``: tensor -> reason, ``image_bytes``,
-``kept_bytes``, ``copy_bytes``).  ``AllocateTextureTensors`` and ``TextureStorageViews`` then
-allocate the chosen tensors as images at run time.
+Whether an image pays is decided per tensor by the cost model of ``cost.texture``: the
+``opencl-texture`` entry of ``tir/matmul_configs.json`` gives, for a measured device, the time
+ratio image / buffer of each kind of kernel (``texture_time_ratio``), and a tensor goes to an
+image only when the mean ratio of the kernels writing and reading it is below one.  A device
+without ratios packs wherever its kernels allow (an entry may still say
+``texture_activations: buffer`` for all tensors at once);
+``TVM_SMARTMEM_TEXTURE_ACTIVATIONS=always|never|measured`` overrides (``measured``, the default,
+is the cost model).  The decisions are recorded as ``smartmem.texture_activations`` on the
+function (``images``: tensor -> image extents, ``kept``: tensor -> reason, ``estimates``:
+tensor -> the model's ratio, ``image_bytes``, ``kept_bytes``, ``copy_bytes``).
+``AllocateTextureTensors`` and ``TextureStorageViews`` then allocate the chosen tensors as
+images at run time.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from tvm.target import Target
 
 from ..analysis.classify import prim_blocks
 from ..analysis.stats import tensor_bytes
+from ..cost.texture import image_estimate, kernel_kind
 from ..errors import SmartMemError
 from ..tir.texture import LANES, image_extent, lower_texture_access
 from .math_rewrite import shape_of
@@ -222,6 +228,21 @@ def policy_reason(target: Target | None, policy: str | None = None) -> str | Non
                    f"({e.get('activations_measured')})"))
 
 
+def cost_ratios(target: Target | None, policy: str | None = None) -> tuple[dict, str] | None:
+    """(measured image / buffer time ratio per kernel kind, device) for the per-tensor cost
+    model, or None: the policy is not ``measured``, or the target has no ratios."""
+    import os
+
+    from ..tir.matmul import load_table, target_key, texture_key
+
+    if (policy or os.environ.get(POLICY_ENV) or "measured") != "measured" or target is None:
+        return None
+    key = target_key(target)
+    entry = load_table().get(texture_key(key), {}) if key else {}
+    ratios = entry.get("texture_time_ratio")
+    return (dict(ratios), str(entry.get("device", key))) if ratios else None
+
+
 def extent_reason(shape: list[int], limits: tuple[int, int]) -> str | None:
     width, height, depth = image_extent(shape, SCOPE)
     spatial, max_depth = limits
@@ -272,9 +293,12 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
     if not is_single_block(func):
         return mod
     block = Block.of(func)
-    record: dict = {"images": {}, "kept": {}, "image_bytes": 0, "kept_bytes": 0,
-                    "copy_bytes": 0}
-    not_worth_it = policy_reason(target, policy)
+    record: dict = {"images": {}, "kept": {}, "estimates": {}, "image_bytes": 0,
+                    "kept_bytes": 0, "copy_bytes": 0}
+    not_worth_it = policy_reason(target, policy)  # validates the policy too
+    model = cost_ratios(target, policy)
+    if model is not None:
+        not_worth_it = None  # the ratios decide, tensor by tensor
     sites: dict[int, _Site] = {}
     for i, b in enumerate(block.bindings):
         if _call_tir(b.value) and isinstance(mod[b.value.args[0]], tirx.PrimFunc):
@@ -301,6 +325,12 @@ def place_function(mod: tvm.IRModule, target: Target, rules: list,
             continue
         reason = not_worth_it
         lane = None
+        if reason is None and model is not None:
+            kinds = [kernel_kind(sites[i].func)] + [kernel_kind(sites[u].func) for u, _ in readers]
+            estimate = image_estimate(kinds, model[0])
+            record["estimates"][var.name] = round(estimate.ratio, 3)
+            if not estimate.pays:
+                reason = estimate.describe(model[1])
         if reason is None:
             uses = [axis_use(sites[u].func, sites[u].func.params[k]) for u, k in readers]
             candidates, reason = lane_axes(uses, shape)
@@ -383,19 +413,22 @@ def _rewrite(mod: tvm.IRModule, func_name: str, block: Block, sites: dict, lanes
 
 def _as_attr(record: dict) -> dict:
     return {"images": dict(record["images"]), "kept": dict(record["kept"]),
+            "estimates": {k: str(v) for k, v in record["estimates"].items()},
             **{key: tirx.IntImm("int64", record[key])
                for key in ("image_bytes", "kept_bytes", "copy_bytes")}}
 
 
 def texture_activations_of(func: relax.Function) -> dict:
     """The recorded placement (images: {tensor: 'WxHxD'}, kept: {tensor: reason},
-    image_bytes, kept_bytes (the intermediates left in buffers), copy_bytes); empty when the
-    pass did not run."""
+    estimates: {tensor: the cost model's image / buffer ratio}, image_bytes, kept_bytes (the
+    intermediates left in buffers), copy_bytes); empty when the pass did not run."""
     if not func.attrs or ACTIVATIONS_ATTR not in func.attrs:
         return {}
     rec = func.attrs[ACTIVATIONS_ATTR]
     return {"images": {str(k): str(v) for k, v in rec["images"].items()},
             "kept": {str(k): str(v) for k, v in rec["kept"].items()},
+            "estimates": {str(k): float(str(v)) for k, v in rec["estimates"].items()}
+            if "estimates" in rec else {},
             **{key: int(rec[key]) for key in ("image_bytes", "kept_bytes", "copy_bytes")}}
 
 
