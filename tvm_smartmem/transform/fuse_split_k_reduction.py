@@ -84,6 +84,10 @@ class _Gemm:
     tiles: int  # output tiles, one counter each
     tile_cols: int  # columns of one tile
     tile: tirx.Expr  # the tile of the current thread block (blockIdx vars only)
+    row0: tirx.Expr  # the tile's first row and column (blockIdx vars only)
+    col0: tirx.Expr
+    tile_rows: int
+    extent: tuple[int, int]  # (M, N) of the partial products
 
 
 @dataclasses.dataclass
@@ -191,13 +195,14 @@ def analyse_gemm(func: tirx.PrimFunc) -> _Gemm | None:
     tiles = _tiles(realize, loops, blocks, shape)
     if tiles is None:
         return None
-    count, tile, cols = tiles
-    return _Gemm(realize, nest, threads, blocks, shape[0], count, cols, tile)
+    count, tile, (m0, n0, tm, tn) = tiles
+    return _Gemm(realize, nest, threads, blocks, shape[0], count, tn, tile, m0, n0, tm,
+                 (shape[1], shape[2]))
 
 
-def _tiles(realize, loops, blocks, shape) -> tuple[int, tirx.Expr, int] | None:
+def _tiles(realize, loops, blocks, shape) -> tuple[int, tirx.Expr, tuple] | None:
     """(number of output tiles, the current tile as an expression of the blockIdx variables,
-    columns of a tile).
+    (row origin, column origin, rows, columns) of the tile).
 
     The tile origin is the write-back's ``(m, n)`` with every non-block loop at zero; its
     extent is the range of ``(m, n)`` over those loops.  Checked: the split index depends on
@@ -241,9 +246,10 @@ def _tiles(realize, loops, blocks, shape) -> tuple[int, tirx.Expr, int] | None:
         grid *= int(lp.extent)
     if grid != count * shape[0]:
         return None
-    m0, n0 = (at_zero(e) for e in (m_index, n_index))
+    simplify = tvm.sym.analyzer.Analyzer().simplify
+    m0, n0 = (simplify(at_zero(e)) for e in (m_index, n_index))
     tile = (m0 // tm) * per_row + n0 // tn
-    return count, tvm.sym.analyzer.Analyzer().simplify(tile), tn
+    return count, simplify(tile), (m0, n0, tm, tn)
 
 
 def analyse_epilogue(func: tirx.PrimFunc, partial_param: int, splits: int) -> _Epilogue | None:
@@ -357,54 +363,71 @@ def _recover(parts: list, index: tirx.Var) -> list[tuple]:
     return pairs
 
 
+def _flat_thread(threads: list[tirx.For]) -> tuple[tirx.Expr, int]:
+    """(this thread's index in its block, threads per block), ``threadIdx.x`` fastest -- the
+    order of the lanes of a warp, so that consecutive indices make coalesced accesses."""
+    order = {"threadIdx.x": 0, "threadIdx.y": 1, "threadIdx.z": 2}
+    flat, count = None, 1
+    for lp in sorted(threads, key=lambda lp: order[_thread_tag(lp)]):
+        term = lp.loop_var if count == 1 else lp.loop_var * tirx.IntImm(_dtype(lp.loop_var),
+                                                                         count)
+        flat = term if flat is None else flat + term
+        count *= int(lp.extent)
+    return flat, count
+
+
 def _epilogue_nest(gemm: _Gemm, epi: _Epilogue, partial: tirx.Buffer,
                    target: Target) -> tirx.Stmt:
-    """A copy of the write-back nest whose block writes the epilogue's output at the
-    write-back's ``(m, n)`` from the sum of the partial products there."""
-    loops = []
-    stmt = gemm.nest
-    while isinstance(stmt, tirx.For):
-        loops.append(stmt)
-        stmt = stmt.body
-    mapping = [(lp.loop_var, tirx.Var(f"{lp.loop_var.name}_sum", _dtype(lp.loop_var)))
-               for lp in loops]
-    wb = gemm.realize
-    ivs = [tirx.IterVar(iv.dom, tirx.Var(f"{iv.var.name}_sum", _dtype(iv.var)), iv.iter_type)
-           for iv in wb.block.iter_vars]
-    subst = _recover(epi.rows, ivs[1].var) + _recover(epi.cols, ivs[2].var)
+    """The last block's sum: the tile's outputs walked row-major by the whole block, one
+    output per thread per step (consecutive threads on consecutive columns: coalesced reads
+    of the partial products and writes of the result), each written from the sum of its
+    partial products and the epilogue."""
+    flat, count = _flat_thread(gemm.threads)
+    dtype = _dtype(gemm.row0)
+
+    def const(v: int):
+        return tirx.IntImm(dtype, v)
+
+    flat = flat if _dtype(flat) == dtype else tirx.Cast(dtype, flat)
+    cells = gemm.tile_rows * gemm.tile_cols
+    step = tirx.Var("splitk_step", dtype)
+    index = step * const(count) + flat
+    rows, cols = gemm.extent
+    m = gemm.row0 + index // const(gemm.tile_cols)
+    n = gemm.col0 + index % const(gemm.tile_cols)
+    vm = tirx.IterVar(tvm.ir.Range.from_min_extent(const(0), const(rows)),
+                      tirx.Var("v_m", dtype), tirx.IterVar.DataPar)
+    vn = tirx.IterVar(tvm.ir.Range.from_min_extent(const(0), const(cols)),
+                      tirx.Var("v_n", dtype), tirx.IterVar.DataPar)
+    subst = _recover(epi.rows, vm.var) + _recover(epi.cols, vn.var)
     subst += [(v, tirx.IntImm(_dtype(v), 0)) for v in epi.unit]
     body = _rename(epi.block.body, subst)
-
     # each partial product read once into a variable (an epilogue may read the sum twice, as
     # GELU does: the compiler merges repeated plain loads, not repeated __ldcg calls)
     reads = [tirx.Var(f"p{k}", str(partial.dtype)) for k in range(gemm.splits)]
-    index: list = []
+    index_of: list = []
 
     def on_load(load):
         if not load.source.same_as(epi.partial):
             return load
-        if not index:
-            index.extend(load.indices[1:])
+        if not index_of:
+            index_of.extend(load.indices[1:])
         return reads[int(load.indices[0])]
 
     value = tvm_ffi.structural_map(body.value, (ir.TensorLoad, on_load))
     for k in reversed(range(gemm.splits)):
-        load = tirx.BufferLoad(partial, [tirx.IntImm(_dtype(index[0]), k), *index])
+        load = tirx.BufferLoad(partial, [tirx.IntImm(_dtype(index_of[0]), k), *index_of])
         if target.kind.name == "cuda":  # from L2, past this multiprocessor's L1 (see above)
             load = tirx.call_extern(str(partial.dtype), "__ldcg", tirx.address_of(load))
         value = tirx.Let(reads[k], load, value)
     body = tirx.BufferStore(body.buffer, value, body.indices)
-    block = s_tir.SBlock(ivs, [], [], "splitk_epilogue", body)
-    reads, writes = s_tir.analysis.get_sblock_read_write_region(block, {})
-    block = s_tir.SBlock(ivs, reads, writes, "splitk_epilogue", body)
-    realize = s_tir.SBlockRealize([_rename(v, mapping) for v in wb.iter_values],
-                                  _rename(wb.predicate, mapping), block)
-    nest: tirx.Stmt = realize
-    for lp in reversed(loops):
-        new_var = next(new for old, new in mapping if old.same_as(lp.loop_var))
-        kind = tirx.ForKind.UNROLLED if lp.kind == tirx.ForKind.VECTORIZED else lp.kind
-        nest = tirx.For(new_var, lp.min, lp.extent, kind, nest, None, lp.annotations)
-    return nest
+    block = s_tir.SBlock([vm, vn], [], [], "splitk_epilogue", body)
+    reads_, writes = s_tir.analysis.get_sblock_read_write_region(block, {})
+    block = s_tir.SBlock([vm, vn], reads_, writes, "splitk_epilogue", body)
+    inside = tirx.And(tirx.And(index < const(cells), m < const(rows)), n < const(cols))
+    realize = s_tir.SBlockRealize([m, n], inside, block)
+    return tirx.For(step, const(0), const(-(-cells // count)), tirx.ForKind.UNROLLED,
+                    realize)
 
 
 def _fence(target: Target) -> tirx.Stmt:
