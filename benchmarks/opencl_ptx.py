@@ -36,8 +36,27 @@ CL_PROGRAM_BINARY_SIZES = 0x1165
 CL_PROGRAM_BINARIES = 0x1166
 
 
-def ptx_of(source: str) -> str:
+def _api() -> ctypes.CDLL:
+    """libOpenCL with the argument types of the calls used (a cl_bitfield is 64 bits: passed
+    as a plain int its upper half is garbage, and no GPU is found)."""
     cl = ctypes.CDLL("libOpenCL.so.1")
+    vp, u32, size = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_size_t
+    cl.clGetPlatformIDs.argtypes = [u32, ctypes.POINTER(vp), ctypes.POINTER(u32)]
+    cl.clGetDeviceIDs.argtypes = [vp, ctypes.c_uint64, u32, ctypes.POINTER(vp),
+                                  ctypes.POINTER(u32)]
+    cl.clCreateContext.argtypes = [vp, u32, ctypes.POINTER(vp), vp, vp,
+                                   ctypes.POINTER(ctypes.c_int)]
+    cl.clCreateContext.restype = vp
+    cl.clCreateProgramWithSource.argtypes = [vp, u32, ctypes.POINTER(ctypes.c_char_p), vp,
+                                             ctypes.POINTER(ctypes.c_int)]
+    cl.clCreateProgramWithSource.restype = vp
+    cl.clBuildProgram.argtypes = [vp, u32, ctypes.POINTER(vp), ctypes.c_char_p, vp, vp]
+    cl.clGetProgramInfo.argtypes = [vp, u32, size, vp, ctypes.POINTER(size)]
+    return cl
+
+
+def ptx_of(source: str) -> str:
+    cl = _api()
     platform = ctypes.c_void_p()
     n = ctypes.c_uint()
     if cl.clGetPlatformIDs(1, ctypes.byref(platform), ctypes.byref(n)) or not n.value:
@@ -47,21 +66,18 @@ def ptx_of(source: str) -> str:
                          ctypes.byref(n)):
         raise SystemExit("no OpenCL GPU")
     err = ctypes.c_int()
-    cl.clCreateContext.restype = ctypes.c_void_p
     ctx = cl.clCreateContext(None, 1, ctypes.byref(device), None, None, ctypes.byref(err))
     src = ctypes.c_char_p(source.encode())
-    cl.clCreateProgramWithSource.restype = ctypes.c_void_p
-    prog = cl.clCreateProgramWithSource(ctypes.c_void_p(ctx), 1, ctypes.byref(src), None,
-                                        ctypes.byref(err))
-    if cl.clBuildProgram(ctypes.c_void_p(prog), 1, ctypes.byref(device), b"", None, None):
+    prog = cl.clCreateProgramWithSource(ctx, 1, ctypes.byref(src), None, ctypes.byref(err))
+    if cl.clBuildProgram(prog, 1, ctypes.byref(device), b"", None, None):
         raise SystemExit("build failed")
     size = ctypes.c_size_t()
-    cl.clGetProgramInfo(ctypes.c_void_p(prog), CL_PROGRAM_BINARY_SIZES,
-                        ctypes.sizeof(size), ctypes.byref(size), None)
+    cl.clGetProgramInfo(prog, CL_PROGRAM_BINARY_SIZES, ctypes.sizeof(size),
+                        ctypes.byref(size), None)
     buf = ctypes.create_string_buffer(size.value)
     ptr = ctypes.c_char_p(ctypes.addressof(buf))
-    cl.clGetProgramInfo(ctypes.c_void_p(prog), CL_PROGRAM_BINARIES, ctypes.sizeof(ptr),
-                        ctypes.byref(ptr), None)
+    cl.clGetProgramInfo(prog, CL_PROGRAM_BINARIES, ctypes.sizeof(ptr), ctypes.byref(ptr),
+                        None)
     return buf.raw.decode(errors="replace").rstrip("\0")
 
 
