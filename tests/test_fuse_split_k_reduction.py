@@ -24,9 +24,9 @@ OPENCL = targets.get("opencl")
 
 @pytest.fixture(autouse=True)
 def _opencl_too(monkeypatch):
-    """The pass is CUDA-only by default (OpenCL C 1.2 has no device-wide fence); PoCL's CPU
-    device has coherent caches, so here it also runs on OpenCL and the transformation's
-    numerics are checked by running it."""
+    """The pass is off by default and, when on, CUDA-only (OpenCL C 1.2 has no device-wide
+    fence); PoCL's CPU device has coherent caches, so here it runs on OpenCL too and the
+    transformation's numerics are checked by running it."""
     from tvm_smartmem.transform import fuse_split_k_reduction
 
     monkeypatch.setenv(fuse_split_k_reduction.ENV, "all")
@@ -167,13 +167,15 @@ def test_split_factor_and_tiles_cover_every_output(monkeypatch, m):
 
 
 def test_the_environment_switch_and_the_default_targets(monkeypatch):
-    """``off`` leaves the pairs apart, the default ``on`` fuses on CUDA only (OpenCL has no
+    """The default and ``off`` leave the pairs apart, ``on`` fuses on CUDA only (OpenCL has no
     device-wide fence), ``all`` on OpenCL too; anything else is an error naming the values."""
     from tvm_smartmem.transform import fuse_split_k_reduction
 
     monkeypatch.setenv(split_k.ENV, "4")
     mod = _linear(40, 512, 96, (1,), "gelu")
     cuda = targets.get("cuda")
+    monkeypatch.delenv(fuse_split_k_reduction.ENV)  # the default: off (measured slower)
+    assert compile_with(mod, cuda, "smartmem")[1].kernels == 2
     monkeypatch.setenv(fuse_split_k_reduction.ENV, "off")
     assert _compile(mod)[1].kernels == 2
     assert compile_with(mod, cuda, "smartmem")[1].kernels == 2
