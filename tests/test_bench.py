@@ -102,7 +102,8 @@ def test_stage_selection():
                                                                  "SplitKMatmul",
                                                                  "RowReductionWithSideOutputs",
                                                                  "NormalisedMatmul",
-                                                                 "WindowReduction")
+                                                                 "WindowReduction",
+                                                                 "FuseSplitKReduction")
     assert only_stages("fusion+layout+tir+rewrite+weights+schedule") == ()
     with pytest.raises(ValueError, match="unknown stage"):
         only_stages("fusoin")
