@@ -16,20 +16,26 @@ the L2 cache, written moments ago), sums them in the order ``0 .. S-1`` the sepa
 used, applies the epilogue, writes ``y`` and resets the counter to zero for the next launch.
 So the result is bit-identical to the two-kernel form, with one launch less.
 
-The epilogue is the second kernel's own block, re-indexed to the GEMM's write-back: every
-thread of the last block writes, for each partial element it wrote itself, the output element
-at the same ``(m, n)``, under the same guard.  The counters are a zero-initialised ``int32``
-constant of one element per output tile, passed to the kernel (it leaves them zero again).
+The epilogue is the second kernel's own block, re-indexed to the tile: the last block walks
+its tile's outputs row-major over all its threads (consecutive threads on consecutive columns,
+so the partial products are read and the outputs written coalesced -- replaying the GEMM's
+write-back mapping, threads along rows, was measured 6-16% slower than the separate kernel),
+guarded by the output's extent.  Multi-axis outputs whose rows fold several iterators
+(``[2, 40, n]`` read as ``p[s, 40 * b + i, n]``) are unfolded.  The counters are a
+zero-initialised ``int32`` constant of one element per output tile, passed to the kernel (it
+leaves them zero again).
 
 Only the simple, common shape is taken; anything else keeps its two kernels (correct, one
 launch more):
 
 * the GEMM kernel writes its only output ``p[S, M, N]`` from one write-back block nested in
   the kernel's ``threadIdx`` loops (virtual threads of extent one), as ``TunedMatmul`` /
-  dlight's ``Matmul`` schedule it;
+  dlight's ``Matmul`` schedule it, with exactly ``S`` thread blocks per output tile;
 * ``p`` has no other reader, and the reader is one element-wise block (no reduction, no
   buffers of its own) that reads ``p[k, a, b]`` for every ``k`` in ``0 .. S-1`` at one
-  ``(a, b)`` -- two of its iterators, the others of extent one -- and touches no image.
+  ``(a, b)`` -- row-major fusions of its iterators, the others of extent one -- and touches
+  no image;
+* on OpenCL (when asked for), rows and tile columns are whole 128-byte cache lines.
 
 Two launches of the fused kernel never overlap (one stream), which is what lets them share
 their counters; a concurrent second inference on another stream would need its own module.
