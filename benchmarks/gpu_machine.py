@@ -106,7 +106,7 @@ def prepare(args: argparse.Namespace) -> None:
 
     from tvm_smartmem import frontend, targets, zoo
     from tvm_smartmem.bench import git_commit
-    from tvm_smartmem.report import compile_with
+    from tvm_smartmem.report import compile_with_facts
 
     bundle = Path(args.bundle)
     if bundle.exists():
@@ -135,13 +135,16 @@ def prepare(args: argparse.Namespace) -> None:
                 if target_name == "opencl-texture" and pipeline == "baseline":
                     continue  # the generic GPU pipeline: the same build as baseline-opencl
                 tgt = targets.get(target_name)
-                ex, stats, secs = compile_with(mod, tgt, pipeline)
+                ex, stats, secs, facts = compile_with_facts(mod, tgt, pipeline)
                 lib = out / f"{pipeline}-{target_name}.so"
                 ex.export_library(str(lib))
                 entry["builds"][f"{pipeline}-{target_name}"] = {
                     "library": lib.name, "target": str(tgt), "compile_seconds": round(secs, 1),
                     "device": "cuda" if target_name == "cuda" else "opencl",
                     "stats": stats.summary(),
+                    # the kind of each kernel, by the name a profile gives it: measured
+                    # texture profiles become per-kind ratios (texture_activations.py ratios)
+                    "kernel_kinds": facts.get("kernel_kinds", {}),
                 }
         manifest["models"][name] = entry
         print(f"[{i}/{len(names)}] {name}: {len(params)} weights, "
@@ -339,7 +342,8 @@ def _measure_stage2(args: argparse.Namespace) -> None:
             if args.builds and build not in args.builds.split(","):
                 continue
             device = b.get("device") or build.rsplit("-", 1)[1]
-            row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"]}
+            row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"],
+                   "kernel_kinds": b.get("kernel_kinds", {})}
             try:
                 runner = LocalRunner(device, repeat=args.repeat, number=args.number,
                                      warmup=args.warmup)

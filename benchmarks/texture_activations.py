@@ -13,6 +13,17 @@ so pick models.
     python benchmarks/texture_activations.py --models bert_base,swin_tiny --check --name ta_check
 
 Writes ``benchmarks/results/<name>.{json,md,png}`` (default name ``texture_activations``).
+
+``--ratios RESULTS`` instead turns a GPU measurement into the cost model's input: the kernel
+profiles of the ``smartmem-opencl`` and ``smartmem-opencl-texture`` builds of each model in a
+``gpu_results.json`` (``gpu_machine.py measure --profile ...``; bundles record each kernel's
+kind) give the image / buffer time ratio per kind of kernel (``cost.texture``), written to
+``benchmarks/results/<name>.{json,md}``; ``--adopt`` also puts them into the
+``opencl-texture`` entry of ``tvm_smartmem/tir/matmul_configs.json`` (``texture_time_ratio``),
+which ``PackActivationsToTexture`` reads.
+
+    python benchmarks/texture_activations.py --ratios <files_at>/x/gpu_results.json \
+        --name texture_ratios_h100 --adopt
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ KINDS = (
     ("not 4-aligned", "not a multiple of"),
     ("image too large", "exceeds the target's limits"),
     ("not a kernel reader", "read by something other than a kernel"),
+    ("cost model", "cost model: images estimated"),
 )
 
 
@@ -190,16 +202,80 @@ def _plot(rows: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def profile_ratios(results: dict) -> tuple[dict, list[str]]:
+    """(per-kind ratios of :func:`cost.texture.ratios_from_profiles`, models used) from a
+    ``gpu_results.json`` with kernel profiles of both OpenCL builds."""
+    from tvm_smartmem.cost.texture import ratios_from_profiles
+
+    pairs, used = [], []
+    for name, model in results.get("models", {}).items():
+        builds = model.get("builds", {})
+        plain, tex = builds.get("smartmem-opencl", {}), builds.get("smartmem-opencl-texture", {})
+        if "profile_us" in plain and "profile_us" in tex and tex.get("kernel_kinds"):
+            pairs.append((plain["profile_us"], tex["profile_us"], tex["kernel_kinds"]))
+            used.append(name)
+    return ratios_from_profiles(pairs), used
+
+
+def adopt_ratios(table: dict, ratios: dict, measured: str, device: str) -> dict:
+    """``table`` with the measured ratios as the ``opencl-texture`` entry's
+    ``texture_time_ratio`` (a per-device verdict that would override them is dropped)."""
+    entry = dict(table.get("opencl-texture", {}))
+    entry["texture_time_ratio"] = {kind: r["ratio"] for kind, r in ratios.items()}
+    entry["ratios_measured"] = measured
+    entry["device"] = device
+    entry.pop("texture_activations", None)
+    return {**table, "opencl-texture": entry}
+
+
+def ratios_main(args: argparse.Namespace) -> None:
+    results = json.loads(Path(args.ratios).read_text())
+    ratios, used = profile_ratios(results)
+    if not ratios:
+        raise SystemExit(f"{args.ratios}: no model has kernel profiles of both smartmem-opencl "
+                         "and smartmem-opencl-texture with kernel kinds (measure with --profile, "
+                         "from a bundle prepared since kinds are recorded)")
+    device = (results.get("machine", {}).get("cuda_device") or "the measured device")
+    out = ROOT / "benchmarks" / "results"
+    data = {"results": args.ratios, "models": used, "device": device, "ratios": ratios,
+            "command": "python benchmarks/texture_activations.py " + " ".join(sys.argv[1:])}
+    (out / f"{args.name}.json").write_text(json.dumps(data, indent=2))
+    lines = [f"# Image / buffer kernel time per kind on {device}", "",
+             f"From `{args.ratios}` ({', '.join(used)}): the kernels of the texture build paired "
+             "by name with the buffer build's, time summed per kind.", "",
+             "| kind | kernels | buffer (us) | texture (us) | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {r['kernels']} | {r['buffer_us']} | {r['texture_us']} | {r['ratio']} |"
+              for k, r in ratios.items()]
+    lines += ["", f"Reproduce: `{data['command']}`"]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.adopt:
+        path = ROOT / "tvm_smartmem" / "tir" / "matmul_configs.json"
+        table = adopt_ratios(json.loads(path.read_text()), ratios,
+                             f"benchmarks/results/{args.name}.json", device)
+        path.write_text(json.dumps(table, indent=2) + "\n")
+        print(f"adopted into {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ratios", help="a gpu_results.json with kernel profiles of both OpenCL "
+                   "builds: write the per-kind image / buffer ratios instead (see module doc)")
+    p.add_argument("--adopt", action="store_true",
+                   help="with --ratios: put them into matmul_configs.json")
     p.add_argument("--models", default="all", help="comma list of zoo models (default: all)")
     p.add_argument("--check", action="store_true",
                    help="also run the texture build on the local OpenCL device against ORT")
     p.add_argument("--name", default="texture_activations", help="results file stem")
     args = p.parse_args(argv)
+    if args.ratios:
+        if args.name == "texture_activations":
+            args.name = "texture_ratios"
+        ratios_main(args)
+        return
     warnings.simplefilter("ignore")
-    # the placement is what this script reports: the shipped verdict for desktop OpenCL
-    # ('buffer', measured on the H100) would place nothing, so images unless told otherwise
+    # the placement is what this script reports: the shipped ratios for desktop OpenCL
+    # (measured on the H100, all above one) would place nothing, so images unless told so
     os.environ.setdefault("TVM_SMARTMEM_TEXTURE_ACTIVATIONS", "always")
     import tvm
 

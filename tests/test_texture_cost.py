@@ -115,3 +115,60 @@ def test_always_and_never_override_the_model(ratios_table):
         assert set(_placement(mod)["images"]) == {"hidden", "summed"}
         mp.setenv("TVM_SMARTMEM_TEXTURE_ACTIVATIONS", "never")
         assert _placement(mod)["images"] == {}
+
+
+def test_measured_profiles_become_ratios_per_kind():
+    """Kernels paired by name (``_texture`` suffix), same calls, time summed per kind;
+    unpaired, unknown-kind or differently-called kernels are left out."""
+    from tvm_smartmem.cost.texture import ratios_from_profiles
+
+    plain = [{"kernel": "mm", "calls": 12, "total_us": 100.0},
+             {"kernel": "mm2", "calls": 12, "total_us": 300.0},
+             {"kernel": "attn", "calls": 12, "total_us": 50.0},
+             {"kernel": "norm", "calls": 2, "total_us": 10.0}]
+    tex = [{"kernel": "mm_texture", "calls": 12, "total_us": 150.0},
+           {"kernel": "mm2_texture", "calls": 12, "total_us": 410.0},
+           {"kernel": "attn_texture", "calls": 12, "total_us": 200.0},
+           {"kernel": "norm_texture", "calls": 3, "total_us": 20.0},  # other call count
+           {"kernel": "lonely_texture", "calls": 1, "total_us": 5.0}]
+    kinds = {"mm_texture": "gemm", "mm2_texture": "gemm", "attn_texture": "attention",
+             "norm_texture": "reduction", "lonely_texture": "elementwise"}
+    got = ratios_from_profiles([(plain, tex, kinds)])
+    assert got == {"attention": {"ratio": 4.0, "kernels": 1, "buffer_us": 50.0,
+                                 "texture_us": 200.0},
+                   "gemm": {"ratio": 1.4, "kernels": 2, "buffer_us": 400.0,
+                            "texture_us": 560.0}}
+
+
+def test_bundles_record_kernel_kinds_and_results_become_the_table(tmp_path):
+    """The facts of a compiled build name each kernel's kind (what the GPU bundle carries to
+    its profile); a results file with both OpenCL builds profiled becomes the table entry."""
+    import sys
+    from pathlib import Path
+
+    from tvm_smartmem import targets
+    from tvm_smartmem.report import compile_with_facts
+
+    mod, *_ = _mlp(16, 64, 128)
+    _, _, _, facts = compile_with_facts(mod, targets.get("opencl"), "smartmem")
+    kinds = facts["kernel_kinds"]
+    assert set(kinds.values()) <= {"attention", "gemm", "conv", "reduction", "elementwise"}
+    assert sorted(kinds.values()).count("gemm") == 2  # the two linear layers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import texture_activations as ta
+
+    profile = [{"kernel": k, "calls": 1, "total_us": 10.0} for k in kinds]
+    results = {"machine": {"cuda_device": "Some GPU"}, "models": {"mlp": {"builds": {
+        "smartmem-opencl": {"profile_us": profile},
+        "smartmem-opencl-texture": {"kernel_kinds": kinds, "profile_us": [
+            {**row, "total_us": 20.0 if kinds[row["kernel"]] == "gemm" else 5.0}
+            for row in profile]}}}}}
+    ratios, used = ta.profile_ratios(results)
+    assert used == ["mlp"] and ratios["gemm"]["ratio"] == 2.0
+    table = ta.adopt_ratios({"opencl-texture": {"texture_activations": "buffer",
+                                                "texture_weights": "buffer"}},
+                            ratios, "x.json", "Some GPU")
+    entry = table["opencl-texture"]
+    assert entry["texture_time_ratio"]["gemm"] == 2.0 and entry["device"] == "Some GPU"
+    assert "texture_activations" not in entry and entry["texture_weights"] == "buffer"

@@ -43,6 +43,7 @@ class PipelineReport:
     weight_layout: str | None = None  # SelectLayouts' choice (KN / NK), None when it did not run
     texture_weights: dict = dataclasses.field(default_factory=dict)  # PackWeightsToTexture's
     texture_activations: dict = dataclasses.field(default_factory=dict)  # PackActivations...
+    kernel_kinds: dict = dataclasses.field(default_factory=dict)  # kernel -> cost.texture kind
 
     @property
     def fusion_rate(self) -> float | None:
@@ -86,9 +87,10 @@ def resolve_model(spec: str | Path | onnx.ModelProto) -> tuple[str, onnx.ModelPr
 
 def pipeline_facts(lowered: tvm.IRModule) -> dict:
     """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops,
-    GEMMs combined, GEMMs split along k (a module attribute), the weight layout chosen and, on
-    texture targets, which weights and activations went into images (and why the others did
-    not)."""
+    GEMMs combined, GEMMs split along k (a module attribute), the weight layout chosen, on
+    texture targets which weights and activations went into images (and why the others did
+    not), and the kind of every kernel (``cost.texture.kernel_kinds``)."""
+    from .cost.texture import kernel_kinds
     from .transform.combine_parallel_matmul import combined_of
     from .transform.math_rewrite import rewrites_of
     from .transform.select_layout import layout_selection_of
@@ -108,7 +110,8 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
             if lowered.attrs and "smartmem.split_k" in lowered.attrs else 0,
             "weight_layout": layout_selection_of(main).get("layout"),
             "texture_weights": texture_weights_of(main),
-            "texture_activations": texture_activations_of(main)}
+            "texture_activations": texture_activations_of(main),
+            "kernel_kinds": kernel_kinds(lowered)}
 
 
 def pipeline_pass(pipeline: str, target: tvm.target.Target) -> tvm.transform.Pass:

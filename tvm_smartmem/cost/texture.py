@@ -92,6 +92,63 @@ def kernel_kind(func: tirx.PrimFunc) -> str:
     return "reduction" if reductions else "elementwise"
 
 
+#: schedule rules whose kernels are of one kind whatever their blocks look like after
+#: scheduling (a rule may rfactor a reduction into more reduction blocks)
+_RULE_KINDS = {"FusedAttention": "attention", "TunedMatmul": "gemm", "Matmul": "gemm",
+               "TextureMatmul": "gemm", "NormalisedMatmul": "gemm", "GEMV": "gemm",
+               "WindowReduction": "reduction", "RowReductionWithSideOutputs": "reduction",
+               "LongRowReduction": "reduction", "TextureRowReduction": "reduction",
+               "TextureElementwise": "elementwise"}
+
+
+def compiled_kernel_kind(func: tirx.PrimFunc) -> str:
+    """:func:`kernel_kind` of a kernel as the pipeline left it: by the schedule rule it
+    records (``smartmem.schedule_rule``) where that names one kind, else by its blocks."""
+    rule = str(func.attrs["smartmem.schedule_rule"]) if func.attrs is not None and \
+        "smartmem.schedule_rule" in func.attrs else ""
+    for name in rule.split("+"):
+        if name in _RULE_KINDS:
+            return _RULE_KINDS[name]
+    return kernel_kind(func)
+
+
+def kernel_kinds(mod) -> dict[str, str]:
+    """Kind of every kernel (PrimFunc) of a compiled module, by its symbol: what a kernel
+    profile names it (recorded in GPU bundles so that measured profiles can be turned into
+    per-kind ratios, :func:`ratios_from_profiles`)."""
+    return {gv.name_hint: compiled_kernel_kind(f) for gv, f in mod.functions.items()
+            if isinstance(f, tirx.PrimFunc)}
+
+
+def ratios_from_profiles(models: list[tuple[list, list, dict]]) -> dict[str, dict]:
+    """Per kind, the image / buffer time ratio measured on whole models.
+
+    ``models``: per model, (the buffer build's kernel profile, the texture build's, the
+    texture build's kernel kinds); a profile is a list of ``{"kernel", "calls",
+    "total_us"}``.  Kernels are paired by name (the texture build's kernel may carry a
+    ``_texture`` suffix) with the same number of calls; each kind's ratio is its paired
+    texture time over its paired buffer time, summed over models (time-weighted).  Returns
+    ``{kind: {"ratio", "kernels", "buffer_us", "texture_us"}}`` for the kinds measured."""
+    totals: dict[str, list] = {}
+    for buffer_profile, texture_profile, kinds in models:
+        plain = {row["kernel"]: row for row in buffer_profile}
+        for row in texture_profile:
+            name = row["kernel"]
+            base = name[:-len("_texture")] if name.endswith("_texture") else name
+            other = plain.get(base)
+            kind = kinds.get(name) or kinds.get(base)
+            if other is None or kind not in KINDS or other["calls"] != row["calls"] or \
+                    other["total_us"] <= 0:
+                continue
+            entry = totals.setdefault(kind, [0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += float(other["total_us"])
+            entry[2] += float(row["total_us"])
+    return {kind: {"ratio": round(tex / buf, 2), "kernels": n, "buffer_us": round(buf, 1),
+                   "texture_us": round(tex, 1)}
+            for kind, (n, buf, tex) in sorted(totals.items())}
+
+
 @dataclasses.dataclass(frozen=True)
 class Estimate:
     """Image time over buffer time for one tensor's kernels, and what it is based on."""
