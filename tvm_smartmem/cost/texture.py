@@ -34,15 +34,6 @@ KINDS = ("attention", "gemm", "conv", "reduction", "elementwise")
 SHORT_REDUCTION = 64
 
 
-def _blocks(func: tirx.PrimFunc) -> list:
-    import tvm_ffi
-    from tvm import s_tir
-
-    found: list = []
-    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, found.append))
-    return [b for b in found if b.name_hint != "root"]
-
-
 def _reduce_extent(block) -> int | None:
     extent = 1
     for iv in block.iter_vars:
@@ -77,7 +68,9 @@ def _loads_using(block, variables: list) -> list:
 
 def kernel_kind(func: tirx.PrimFunc) -> str:
     """The kind of kernel ``func`` is (one of :data:`KINDS`), from its blocks."""
-    blocks = _blocks(func)
+    from ..analysis.classify import prim_blocks
+
+    blocks = prim_blocks(func)
     reductions = [b for b in blocks if _reduction_vars(b)]
     if len(reductions) >= 4:  # scores, max, sum, PV: a fused attention
         return "attention"

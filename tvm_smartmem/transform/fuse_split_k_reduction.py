@@ -69,6 +69,7 @@ import tvm_ffi
 from tvm import ir, relax, s_tir, tirx
 from tvm.target import Target
 
+from ..analysis.classify import prim_blocks
 from ..tir.texture import is_texture
 
 #: ``cl_mem_fence_flags`` value of ``CLK_GLOBAL_MEM_FENCE`` (0x02 in the OpenCL C headers of
@@ -92,10 +93,8 @@ DEFAULT = "off"
 class _Gemm:
     """Where the split GEMM kernel writes its partial products."""
 
-    realize: s_tir.SBlockRealize  # the write-back block
     nest: tirx.For  # the loop nest around it, directly under the innermost thread loop
     threads: list[tirx.For]  # the threadIdx loops around it, outermost first
-    blocks: list[tirx.For]  # the blockIdx loops
     splits: int  # S
     tiles: int  # output tiles, one counter each
     tile_cols: int  # columns of one tile
@@ -212,7 +211,7 @@ def analyse_gemm(func: tirx.PrimFunc) -> _Gemm | None:
     if tiles is None:
         return None
     count, tile, (m0, n0, tm, tn) = tiles
-    return _Gemm(realize, nest, threads, blocks, shape[0], count, tn, tile, m0, n0, tm,
+    return _Gemm(nest, threads, shape[0], count, tn, tile, m0, n0, tm,
                  (shape[1], shape[2]))
 
 
@@ -273,9 +272,7 @@ def analyse_epilogue(func: tirx.PrimFunc, partial_param: int, splits: int) -> _E
     if any(is_texture(p) for p in func.params):
         return None
     partial = func.params[partial_param]
-    blocks: list = []
-    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, blocks.append))
-    blocks = [b for b in blocks if b.name_hint != "root"]
+    blocks = prim_blocks(func)
     root = [b for b in [getattr(func.body, "block", None)] if b is not None]
     if len(blocks) != 1 or (root and (list(root[0].alloc_buffers)
                                       or list(root[0].match_buffers))):

@@ -91,7 +91,6 @@ def measured_policy(target: Target | None, policy: str | None, env: str, verdict
     ``policy`` (else ``$env``, else ``measured``) is ``always``, ``never`` or ``measured``: the
     ``opencl-texture`` entry of ``tir/matmul_configs.json`` saying ``verdict: buffer`` for the
     target's kind (``why(entry)`` words the measurement); a kind never measured packs."""
-    from ..tir.matmul import load_table, target_key, texture_key
 
     policy = policy or os.environ.get(env) or "measured"
     if policy not in POLICIES:
@@ -100,9 +99,17 @@ def measured_policy(target: Target | None, policy: str | None, env: str, verdict
         return None
     if policy == "never":
         return f"{env}=never"
-    key = target_key(target) if target is not None else None
-    entry = load_table().get(texture_key(key), {}) if key else {}
+    entry = texture_entry(target)
     return why(entry) if entry.get(verdict) == "buffer" else None
+
+
+def texture_entry(target: Target | None) -> dict:
+    """The ``opencl-texture`` entry of ``tir/matmul_configs.json`` for ``target``'s kind (the
+    texture measurements of that device; empty when there are none)."""
+    from ..tir.matmul import load_table, target_key, texture_key
+
+    key = target_key(target) if target is not None else None
+    return load_table().get(texture_key(key), {}) if key else {}
 
 
 def policy_reason(target: Target | None, policy: str | None = None) -> str | None:

@@ -233,14 +233,13 @@ def cost_ratios(target: Target | None, policy: str | None = None) -> tuple[dict,
     model, or None: the policy is not ``measured``, or the target has no ratios."""
     import os
 
-    from ..tir.matmul import load_table, target_key, texture_key
+    from .texture import texture_entry
 
     if (policy or os.environ.get(POLICY_ENV) or "measured") != "measured" or target is None:
         return None
-    key = target_key(target)
-    entry = load_table().get(texture_key(key), {}) if key else {}
+    entry = texture_entry(target)
     ratios = entry.get("texture_time_ratio")
-    return (dict(ratios), str(entry.get("device", key))) if ratios else None
+    return (dict(ratios), str(entry.get("device", target.kind.name))) if ratios else None
 
 
 def extent_reason(shape: list[int], limits: tuple[int, int]) -> str | None:
