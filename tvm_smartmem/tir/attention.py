@@ -42,8 +42,13 @@ from ..errors import SmartMemError
 from .texture import LANES as TEXEL  # values per texel (RGBA); LANES here is a warp's
 from .texture import is_texture
 
-#: Threads along a row (one warp: the row statistics are warp reductions).
+#: Threads along a row by default (one warp: the row statistics are warp reductions).
 LANES = 32
+#: Threads along a row that the rule can use: one warp, or two (the row statistics then
+#: reduce across the two warps through shared memory, TVM's multi-warp all-reduce).
+LANE_CHOICES = (32, 64)
+#: Overrides the threads along a row (an integer of ``LANE_CHOICES``), to build and measure.
+LANES_ENV = "TVM_SMARTMEM_ATTENTION_LANES"
 #: Shared memory the scores and probabilities of one thread block may take, at most (less
 #: where the target allows less: PoCL's OpenCL target has 16 KiB).
 SHARED_BYTES = 32 * 1024
@@ -79,19 +84,37 @@ def attention_pays(keys: int) -> bool:
     return keys <= PROFITABLE_KEYS
 
 
-def shared_budget(target=None) -> int:
-    """Bytes of shared memory a thread block of the rule may use on ``target``."""
+def shared_budget(target=None, lanes: int = LANES) -> int:
+    """Bytes of shared memory a thread block of the rule may use on ``target``: 32 KiB with
+    one warp a row, 48 KiB with two (their K and V tiles are twice as long), never more than
+    the target has."""
+    budget = SHARED_BYTES if lanes <= LANES else SHARED_BYTES * 3 // 2
     if target is None or "max_shared_memory_per_block" not in target.attrs:
-        return SHARED_BYTES
-    return min(SHARED_BYTES, int(target.attrs["max_shared_memory_per_block"]))
+        return budget
+    return min(budget, int(target.attrs["max_shared_memory_per_block"]))
+
+
+def lanes_for() -> int:
+    """Threads along a query row: ``TVM_SMARTMEM_ATTENTION_LANES`` when set, else one warp."""
+    override = os.environ.get(LANES_ENV)
+    if override is None:
+        return LANES
+    try:
+        lanes = int(override)
+    except ValueError:
+        lanes = -1
+    if lanes not in LANE_CHOICES:
+        raise SmartMemError(f"{LANES_ENV}={override!r}: expected one of "
+                            f"{', '.join(map(str, LANE_CHOICES))} threads a row")
+    return lanes
 
 
 def rows_per_block(keys: int, itemsize: int = 4, max_threads: int = 1024,
-                   shared: int = SHARED_BYTES) -> int:
+                   shared: int = SHARED_BYTES, lanes: int = LANES) -> int:
     """Query rows per thread block: as many as ``shared`` bytes hold (two ``rows x keys``
-    buffers), at most 8, a power of two."""
+    buffers), at most 8, a power of two, ``rows x lanes`` threads at most ``max_threads``."""
     rows = 8
-    while rows > 1 and (2 * rows * keys * itemsize > shared or rows * LANES > max_threads):
+    while rows > 1 and (2 * rows * keys * itemsize > shared or rows * lanes > max_threads):
         rows //= 2
     return rows
 
@@ -182,10 +205,15 @@ class FusedAttention(dl.ScheduleRule):
     #: inlining): ``ApplyScheduleRules`` hands this rule the kernel as FuseTIR made it
     keeps_unit_reductions = True
 
-    def __init__(self, stage_values: bool = True):
+    def __init__(self, stage_values: bool = True, lanes: int | None = None):
         #: stage V through shared memory 32 keys at a time where a tile fits (``False``: read
         #: V from global memory in the PV loop, the kernel before that change, for comparison)
         self.stage_values = stage_values
+        #: threads along a query row (``None``: :func:`lanes_for`, one warp unless overridden)
+        if lanes is not None and lanes not in LANE_CHOICES:
+            raise SmartMemError(f"FusedAttention(lanes={lanes}): expected one of "
+                                f"{LANE_CHOICES}")
+        self.lanes = lanes
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("cuda", "opencl"):
@@ -198,26 +226,35 @@ class FusedAttention(dl.ScheduleRule):
         keys = int(out.iter_vars[-1].dom.extent)
         head_dim = int(out.iter_vars[-2].dom.extent)
         itemsize = max(out.writes[0].source.dtype.bits // 8, 1)
-        shared = shared_budget(target)
-        if not attention_fits(keys, head_dim, itemsize, shared):
-            return None
-        threads = int(target.attrs.get("max_num_threads", 1024))
-        key_reads = _key_reads(sch, found.scores)
-        depth = int(sch.get(found.scores).iter_vars[-1].dom.extent)
-        tiles = len(key_reads) * LANES * (depth + 1) * itemsize
-        cache_keys = 2 * keys * itemsize + tiles <= shared
-        left = shared - tiles if cache_keys else shared
         texels = _writes_image(func)
         if texels and head_dim % TEXEL:
             return None
+        # two warps a row only where each lane then owns whole outputs of the staged-V loop
+        # (the texel path keeps one warp: its lanes split a head into texels)
+        lanes = self.lanes or lanes_for()
+        if texels or head_dim % lanes:
+            lanes = LANES
+        shared = shared_budget(target, lanes)
+        if not attention_fits(keys, head_dim, itemsize, shared):
+            return None
+        threads = int(target.attrs.get("max_num_threads", 1024))
+        if lanes > threads:
+            return None
+        key_reads = _key_reads(sch, found.scores)
+        depth = int(sch.get(found.scores).iter_vars[-1].dom.extent)
+        tiles = len(key_reads) * lanes * (depth + 1) * itemsize
+        cache_keys = 2 * keys * itemsize + tiles <= shared
+        left = shared - tiles if cache_keys else shared
         value_reads = _value_reads(sch, found.out, found.probs)
         # V staged through shared memory where a tile of it fits beside one row of scores
         stage_values = self.stage_values and not texels and value_reads is not None and \
-            head_dim % LANES == 0 and \
-            2 * keys * itemsize + _value_tile_bytes(head_dim, itemsize) <= left
+            head_dim % lanes == 0 and \
+            2 * keys * itemsize + _value_tile_bytes(head_dim, itemsize, lanes) <= left
         if stage_values:
-            left -= _value_tile_bytes(head_dim, itemsize)
-        rows = rows_per_block(keys, itemsize, threads, left)
+            left -= _value_tile_bytes(head_dim, itemsize, lanes)
+        elif lanes != LANES:  # the unstaged PV loop is written for one warp a row
+            return FusedAttention(self.stage_values, LANES).apply(func, target, _tunable)
+        rows = rows_per_block(keys, itemsize, threads, left, lanes)
         n_batch = len(out.iter_vars) - 3
         queries = int(out.iter_vars[-3].dom.extent)
         while rows > max(queries, 1):  # no thread rows beyond the queries (a decode step: 1)
@@ -240,8 +277,8 @@ class FusedAttention(dl.ScheduleRule):
         elif stage_values:  # keys outside the lane's outputs: one P read serves all of them
             # each lane owns head_dim / LANES consecutive outputs: one register array (the
             # strided e = eo * LANES + lane would make it an interval covering other lanes')
-            ex, eo = sch.split(e, [LANES, None])
-            jo, ji = sch.split(j, [None, LANES])
+            ex, eo = sch.split(e, [lanes, None])
+            jo, ji = sch.split(j, [None, lanes])
             sch.reorder(*batch, io, ii, ex, jo, ji, eo)
         else:
             eo, ex = sch.split(e, [None, LANES])
@@ -257,7 +294,7 @@ class FusedAttention(dl.ScheduleRule):
         _inline_epilogue(sch, _epilogue_names(sch))
         if stage_values:
             sch.reverse_compute_at(acc, ex, preserve_unit_loops=True)
-            _stage_value_tiles(sch, found.out, value_reads, jo, rows)
+            _stage_value_tiles(sch, found.out, value_reads, jo, rows, lanes)
         else:
             sch.reverse_compute_at(acc, eo, preserve_unit_loops=True)
         if texels:
@@ -268,14 +305,14 @@ class FusedAttention(dl.ScheduleRule):
             sch.compute_at(block, bx, preserve_unit_loops=True)
             inner = sch.get_loops(block)[-2:]
             sch.bind(inner[0], "threadIdx.y")
-            _, lane = sch.split(inner[1], [None, LANES])
+            _, lane = sch.split(inner[1], [None, lanes])
             sch.bind(lane, "threadIdx.x")
             # for the statistics the key loop on threadIdx.x makes a warp reduction whose
             # result every lane keeps in a register: in shared memory, written by lane 0 and
             # read by all, TVM's ThreadSync sees the same index [threadIdx.y] on both sides,
             # takes it for one thread and leaves out the barrier (a race on real GPUs)
             sch.set_scope(block, 0, "shared" if block is found.probs else "local")
-        _schedule_scores(sch, found.scores, bx, key_reads if cache_keys else [], rows)
+        _schedule_scores(sch, found.scores, bx, key_reads if cache_keys else [], rows, lanes)
         if stage_values:
             # the sums in registers start from zero before their loops (no test per step),
             # and the short inner loops unroll so each thread has its loads in flight at once
@@ -297,19 +334,20 @@ def _value_reads(sch: s_tir.Schedule, out, probs) -> int | None:
     return reads[0] if len(reads) == 1 else None
 
 
-def _value_tile_bytes(head_dim: int, itemsize: int) -> int:
-    """Shared memory budgeted for one staged tile of ``V``: ``LANES`` keys by the head
+def _value_tile_bytes(head_dim: int, itemsize: int, lanes: int = LANES) -> int:
+    """Shared memory budgeted for one staged tile of ``V``: ``lanes`` keys by the head
     dimension, with a word per row to spare (counted as the padded K tile is; the copy itself
     is not padded)."""
-    return LANES * (head_dim + 1) * itemsize
+    return lanes * (head_dim + 1) * itemsize
 
 
-def _stage_value_tiles(sch: s_tir.Schedule, out, read: int, jo, rows: int) -> None:
-    """Copy ``LANES`` keys' rows of ``V`` to shared memory per step of the key loop, by the
+def _stage_value_tiles(sch: s_tir.Schedule, out, read: int, jo, rows: int,
+                       lanes: int = LANES) -> None:
+    """Copy ``lanes`` keys' rows of ``V`` to shared memory per step of the key loop, by the
     whole block (coalesced): read from global memory, every row of the block (one warp each)
     fetched all of ``V`` again and each thread waited on one load per key.  Copy and reads
     both run along a row (lanes over the head dimension), so no padding is needed."""
-    _stage_tile(sch, out, read, jo, rows)
+    _stage_tile(sch, out, read, jo, rows, lanes)
 
 
 def _writes_image(func: tirx.PrimFunc) -> bool:
@@ -327,15 +365,16 @@ def _key_reads(sch: s_tir.Schedule, scores) -> list[int]:
                    for v in tirx.analysis.undefined_vars(r.min))]
 
 
-def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows: int) -> None:
-    """Scores of the block's rows against 32 keys at a time: rows on threadIdx.y, keys on
-    threadIdx.x, each score summed over the head dimension in a register.  The 32 keys' rows
+def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows: int,
+                     lanes: int = LANES) -> None:
+    """Scores of the block's rows against ``lanes`` keys at a time: rows on threadIdx.y, keys
+    on threadIdx.x, each score summed over the head dimension in a register.  The keys' rows
     of K are first copied to shared memory by the whole block (coalesced, padded by one word
     against bank conflicts); read straight from global memory, each lane would fetch another
     row and every warp load would touch 32 cache lines."""
     sch.compute_at(scores, bx, preserve_unit_loops=True)
     i, j, d = sch.get_loops(scores)[-3:]
-    jo, lane = sch.split(j, [None, LANES])
+    jo, lane = sch.split(j, [None, lanes])
     sch.reorder(jo, i, lane, d)
     sch.bind(i, "threadIdx.y")
     sch.bind(lane, "threadIdx.x")
@@ -345,20 +384,20 @@ def _schedule_scores(sch: s_tir.Schedule, scores, bx, key_reads: list[int], rows
     copy = sch.cache_write(scores, 0, "local")
     sch.reverse_compute_at(copy, lane, preserve_unit_loops=True)
     for k in key_reads:
-        tile = _stage_tile(sch, scores, k, jo, rows)
+        tile = _stage_tile(sch, scores, k, jo, rows, lanes)
         sch.storage_align(tile, 0, axis=-2, factor=32, offset=1)
 
 
-def _stage_tile(sch: s_tir.Schedule, block, read: int, loop, rows: int):
+def _stage_tile(sch: s_tir.Schedule, block, read: int, loop, rows: int, lanes: int = LANES):
     """``block``'s ``read`` copied to shared memory at each step of ``loop`` by the whole
-    thread block (``rows x LANES`` threads, consecutive lanes on consecutive elements);
+    thread block (``rows x lanes`` threads, consecutive lanes on consecutive elements);
     returns the copy block."""
     tile = sch.cache_read(block, read, "shared")
     sch.compute_at(tile, loop, preserve_unit_loops=True)
     depth = [sch.get(lp).same_as(sch.get(loop)) for lp in sch.get_loops(tile)].index(True) + 1
     loops = sch.get_loops(tile)[depth:]
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    _, ty, tx = sch.split(fused, [None, rows, LANES])
+    _, ty, tx = sch.split(fused, [None, rows, lanes])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     return tile

@@ -87,6 +87,10 @@ ENV = "TVM_SMARTMEM_SPLIT_K_REDUCTION"
 MODES = ("on", "all", "off")
 #: measured 2-5% slower than the separate sum kernel on the H100 (see module doc)
 DEFAULT = "off"
+#: Outputs per thread whose partial products the last block loads before summing (see
+#: :func:`_epilogue_nest`); ``TAIL_ENV`` overrides it, to build and measure.
+TAIL_BATCH = 1
+TAIL_ENV = "TVM_SMARTMEM_SPLIT_K_TAIL_BATCH"
 
 
 @dataclasses.dataclass
@@ -389,12 +393,30 @@ def _flat_thread(threads: list[tirx.For]) -> tuple[tirx.Expr, int]:
     return flat, count
 
 
-def _epilogue_nest(gemm: _Gemm, epi: _Epilogue, partial: tirx.Buffer,
-                   target: Target) -> tirx.Stmt:
-    """The last block's sum: the tile's outputs walked row-major by the whole block, one
-    output per thread per step (consecutive threads on consecutive columns: coalesced reads
-    of the partial products and writes of the result), each written from the sum of its
-    partial products and the epilogue."""
+def tail_batch() -> int:
+    """Outputs per thread whose partial products the last block loads before it sums any of
+    them (``TVM_SMARTMEM_SPLIT_K_TAIL_BATCH``; default :data:`TAIL_BATCH`)."""
+    value = os.environ.get(TAIL_ENV)
+    if value is None:
+        return TAIL_BATCH
+    try:
+        batch = int(value)
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise ValueError(f"{TAIL_ENV}={value!r}: expected a positive number of outputs")
+    return batch
+
+
+def _epilogue_nest(gemm: _Gemm, epi: _Epilogue, partial: tirx.Buffer, regs: tirx.Buffer,
+                   batch: int, target: Target) -> tirx.Stmt:
+    """The last block's sum: the tile's outputs walked row-major by the whole block (one
+    output per thread per step, consecutive threads on consecutive columns: coalesced reads
+    of the partial products and writes of the result).  ``batch`` steps at a time, the
+    partial products of all of them are first loaded into registers (``regs``) and only then
+    summed in order 0..S-1, through the epilogue, and written: one step at a time, each
+    thread would wait a full L2 round trip per step (16 steps of a 32 x 64 tile on 128
+    threads), and that wait is the tail of the whole kernel."""
     flat, count = _flat_thread(gemm.threads)
     dtype = _dtype(gemm.row0)
 
@@ -403,44 +425,82 @@ def _epilogue_nest(gemm: _Gemm, epi: _Epilogue, partial: tirx.Buffer,
 
     flat = flat if _dtype(flat) == dtype else tirx.Cast(dtype, flat)
     cells = gemm.tile_rows * gemm.tile_cols
-    step = tirx.Var("splitk_step", dtype)
-    index = step * const(count) + flat
+    steps = -(-cells // count)
+    batch = max(1, min(batch, steps))
+    group = tirx.Var("splitk_group", dtype)
+    slot = tirx.Var("splitk_slot", dtype)
+    index = (group * const(batch) + slot) * const(count) + flat
     rows, cols = gemm.extent
     m = gemm.row0 + index // const(gemm.tile_cols)
     n = gemm.col0 + index % const(gemm.tile_cols)
+    inside = tirx.And(tirx.And(index < const(cells), m < const(rows)), n < const(cols))
+    if steps % batch:  # the last group's slots past the tile's steps
+        inside = tirx.And(group * const(batch) + slot < const(steps), inside)
+    splits = gemm.splits
+
+    # the loads: regs[slot * S + k] = p[k, m, n]
+    index_of = _partial_index(epi)
+    loads = []
+    for k in range(splits):
+        load = tirx.BufferLoad(partial, [tirx.IntImm(_dtype(index_of[0]), k),
+                                         *_at(index_of, epi, m, n)])
+        if target.kind.name == "cuda":  # from L2, past this multiprocessor's L1 (see above)
+            load = tirx.call_extern(str(partial.dtype), "__ldcg", tirx.address_of(load))
+        loads.append(tirx.BufferStore(regs, load, [slot * const(splits) + const(k)]))
+    fetch = tirx.For(slot, const(0), const(batch), tirx.ForKind.UNROLLED,
+                     tirx.IfThenElse(inside, tirx.SeqStmt(loads), None))
+
+    # the sums: the epilogue block, its reads of p[k] now of regs[slot * S + k]
     vm = tirx.IterVar(tvm.ir.Range.from_min_extent(const(0), const(rows)),
                       tirx.Var("v_m", dtype), tirx.IterVar.DataPar)
     vn = tirx.IterVar(tvm.ir.Range.from_min_extent(const(0), const(cols)),
                       tirx.Var("v_n", dtype), tirx.IterVar.DataPar)
+    vs = tirx.IterVar(tvm.ir.Range.from_min_extent(const(0), const(batch)),
+                      tirx.Var("v_slot", dtype), tirx.IterVar.DataPar)
     subst = _recover(epi.rows, vm.var) + _recover(epi.cols, vn.var)
     subst += [(v, tirx.IntImm(_dtype(v), 0)) for v in epi.unit]
     body = _rename(epi.block.body, subst)
     # each partial product read once into a variable (an epilogue may read the sum twice, as
     # GELU does: the compiler merges repeated plain loads, not repeated __ldcg calls)
-    reads = [tirx.Var(f"p{k}", str(partial.dtype)) for k in range(gemm.splits)]
-    index_of: list = []
+    reads = [tirx.Var(f"p{k}", str(partial.dtype)) for k in range(splits)]
 
     def on_load(load):
         if not load.source.same_as(epi.partial):
             return load
-        if not index_of:
-            index_of.extend(load.indices[1:])
         return reads[int(load.indices[0])]
 
     value = tvm_ffi.structural_map(body.value, (ir.TensorLoad, on_load))
-    for k in reversed(range(gemm.splits)):
-        load = tirx.BufferLoad(partial, [tirx.IntImm(_dtype(index_of[0]), k), *index_of])
-        if target.kind.name == "cuda":  # from L2, past this multiprocessor's L1 (see above)
-            load = tirx.call_extern(str(partial.dtype), "__ldcg", tirx.address_of(load))
-        value = tirx.Let(reads[k], load, value)
+    for k in reversed(range(splits)):
+        value = tirx.Let(reads[k], tirx.BufferLoad(regs, [vs.var * const(splits) + const(k)]),
+                         value)
     body = tirx.BufferStore(body.buffer, value, body.indices)
-    block = s_tir.SBlock([vm, vn], [], [], "splitk_epilogue", body)
+    block = s_tir.SBlock([vm, vn, vs], [], [], "splitk_epilogue", body)
     reads_, writes = s_tir.analysis.get_sblock_read_write_region(block, {})
-    block = s_tir.SBlock([vm, vn], reads_, writes, "splitk_epilogue", body)
-    inside = tirx.And(tirx.And(index < const(cells), m < const(rows)), n < const(cols))
-    realize = s_tir.SBlockRealize([m, n], inside, block)
-    return tirx.For(step, const(0), const(-(-cells // count)), tirx.ForKind.UNROLLED,
-                    realize)
+    block = s_tir.SBlock([vm, vn, vs], reads_, writes, "splitk_epilogue", body)
+    realize = s_tir.SBlockRealize([m, n, slot], inside, block)
+    summed = tirx.For(slot, const(0), const(batch), tirx.ForKind.UNROLLED, realize)
+    return tirx.For(group, const(0), const(-(-steps // batch)), tirx.ForKind.UNROLLED,
+                    tirx.SeqStmt([fetch, summed]))
+
+
+def _partial_index(epi: _Epilogue) -> list:
+    """The indices (after the split axis) at which the epilogue block reads ``p``."""
+    found: list = []
+
+    def on_load(load):
+        if load.source.same_as(epi.partial) and not found:
+            found.extend(load.indices[1:])
+        return load
+
+    tvm_ffi.structural_map(epi.block.body.value, (ir.TensorLoad, on_load))
+    return found
+
+
+def _at(indices: list, epi: _Epilogue, m, n) -> list:
+    """``indices`` (in the epilogue block's iterators) at output row ``m`` and column ``n``."""
+    subst = _recover(epi.rows, m) + _recover(epi.cols, n)
+    subst += [(v, tirx.IntImm(_dtype(v), 0)) for v in epi.unit]
+    return [_rename(i, subst) for i in indices]
 
 
 def _fence(target: Target) -> tirx.Stmt:
@@ -455,7 +515,7 @@ def _atomic_add(target: Target, address, value) -> tirx.Expr:
     return tirx.call_extern("int32", name, address, value)
 
 
-def _tail(gemm: _Gemm, epi: _Epilogue, partial, counters, flag, last,
+def _tail(gemm: _Gemm, epi: _Epilogue, partial, counters, flag, last, regs, batch: int,
           target: Target) -> tirx.Stmt:
     """Count this thread block in its tile's counter; the last one sums and writes."""
     zero = [tirx.EQ(lp.loop_var, tirx.IntImm(_dtype(lp.loop_var), 0)) for lp in gemm.threads]
@@ -468,7 +528,8 @@ def _tail(gemm: _Gemm, epi: _Epilogue, partial, counters, flag, last,
     count = tirx.BufferStore(flag, _atomic_add(target, tirx.address_of(
         tirx.BufferLoad(counters, [tile])), tirx.IntImm("int32", 1)), [zero32])
     reset = tirx.BufferStore(counters, zero32, [tile])
-    summed = tirx.SeqStmt([_fence(target), _epilogue_nest(gemm, epi, partial, target),
+    summed = tirx.SeqStmt([_fence(target),
+                           _epilogue_nest(gemm, epi, partial, regs, batch, target),
                            tirx.IfThenElse(first, reset, None)])
     return tirx.SeqStmt([
         _fence(target), sync,
@@ -503,7 +564,10 @@ def fuse_kernels(gemm_func: tirx.PrimFunc, epi_func: tirx.PrimFunc, partial_para
     counters = tirx.decl_buffer((gemm.tiles,), "int32", name="splitk_counters")
     flag = tirx.decl_buffer((1,), "int32", name="splitk_arrivals", scope="shared")
     last = tirx.decl_buffer((1,), "int32", name="splitk_arrived", scope="local")
-    tail = _tail(gemm, epi, partial, counters, flag, last, target)
+    batch = tail_batch()
+    regs = tirx.decl_buffer((batch * gemm.splits,), str(partial.dtype), name="splitk_partials",
+                            scope="local")
+    tail = _tail(gemm, epi, partial, counters, flag, last, regs, batch, target)
     # the tail goes right after the write-back nest, inside the innermost thread loop
     inner = gemm.threads[-1]
 
@@ -519,7 +583,7 @@ def fuse_kernels(gemm_func: tirx.PrimFunc, epi_func: tirx.PrimFunc, partial_para
     body = tvm_ffi.structural_map(gemm_func.body, (tirx.For, on_for))
     root = body.block
     root = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, root.body,
-                        root.init, [*root.alloc_buffers, flag, last], root.match_buffers,
+                        root.init, [*root.alloc_buffers, flag, last, regs], root.match_buffers,
                         root.annotations)
     body = s_tir.SBlockRealize(body.iter_values, body.predicate, root)
     epi_inputs = [p for k, p in enumerate(epi_func.params[:-1]) if k != partial_param]
