@@ -251,6 +251,70 @@ def test_stage_values_knob_builds_the_earlier_kernel():
     assert "k_shared" in shared(FusedAttention(stage_values=False))
 
 
+def _wide_opencl():
+    """PoCL's OpenCL device with the thread and shared-memory limits of a desktop GPU (PoCL
+    has 4096 work-items and 1 MiB of local memory), so the two-warp kernel's 48 KiB fit."""
+    from tvm.target import Target
+
+    attrs = dict(OPENCL.export())
+    attrs.pop("host", None)
+    attrs.update(max_num_threads=1024, max_threads_per_block=1024,
+                 max_shared_memory_per_block=48 * 1024)
+    return Target(attrs, host=OPENCL.host)
+
+
+def _thread_x(lowered) -> set:
+    from tvm_smartmem.analysis.thread_extents import kernel_thread_extents
+
+    (func,) = [f for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and f.attrs is not None and
+               str(f.attrs.get("smartmem.schedule_rule", "")) == "FusedAttention"]
+    return {x for kernel in kernel_thread_extents(func) for x in kernel.get("threadIdx.x", ())}
+
+
+@pytest.mark.parametrize("sq,sk,d,dv,mask", [(37, 197, 64, 64, "keys"), (9, 70, 32, 128, "where"),
+                                             (3, 64, 16, 64, "none")])
+def test_two_warps_a_row_match_numpy(monkeypatch, sq, sk, d, dv, mask, dev):
+    """TVM_SMARTMEM_ATTENTION_LANES=64: a query row gets 64 threads (K and V tiles of 64 keys,
+    the row statistics reduced across two warps; 197 keys: a partial last tile; 128-wide
+    values: two outputs a lane; 64 keys: exactly one tile) -- one kernel of 64 lanes whose
+    values on PoCL are within float32 tolerance of numpy."""
+    from tvm_smartmem.tir import attention
+
+    monkeypatch.setenv(attention.LANES_ENV, "64")
+    monkeypatch.setenv(attention.KEYS_ENV, "256")
+    target = _wide_opencl()
+    mod, names = _attention_module(1, 2, sq, sk, d, dv, mask, 0.3, False)
+    lowered = _lowered(mod, target)
+    assert _softmax_rules(lowered) == ["FusedAttention"]
+    assert _thread_x(lowered) == {64}
+    assert {"k_shared", "v_shared"} <= _shared_buffers(lowered)
+    ex = tvm.compile(mod, target, relax_pipeline=smartmem_pipeline(target))
+    arrays = _inputs(1, 2, sq, sk, d, dv, mask, 5)
+    assert_matches(run_vm(ex, [arrays[n] for n in names], dev=dev),
+                   [_reference(arrays, mask, 0.3)])
+
+
+def test_two_warps_fall_back_to_one_where_they_cannot_apply(monkeypatch):
+    """Two warps a row need whole outputs per lane of the staged V loop: a 40-wide head, or
+    PoCL's 16 KiB that hold no 64-key tile, keep one warp (32 lanes) -- still one kernel.
+    A lane count the rule does not know is a clear error."""
+    from tvm_smartmem.errors import SmartMemError
+    from tvm_smartmem.tir import attention
+
+    monkeypatch.setenv(attention.LANES_ENV, "64")
+    for target, dv in ((_wide_opencl(), 40), (OPENCL, 64)):
+        mod, _ = _attention_module(1, 1, 8, 100, 64, dv, "none", 0.3, False)
+        lowered = _lowered(mod, target)
+        assert _softmax_rules(lowered) == ["FusedAttention"]
+        assert _thread_x(lowered) == {32}
+    monkeypatch.setenv(attention.LANES_ENV, "48")
+    with pytest.raises(SmartMemError, match="LANES"):
+        attention.lanes_for()
+    with pytest.raises(SmartMemError, match="lanes=16"):
+        attention.FusedAttention(lanes=16)
+
+
 def test_epilogue_reading_the_output_twice_matches_numpy(dev):
     """A hardswish on the attention output (LeViT, once SinkLayoutThroughElementwise moves it
     above the head merge) reads PV's result twice: one kernel that builds for CUDA and OpenCL

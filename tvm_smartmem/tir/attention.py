@@ -24,6 +24,15 @@ score matrix never reaches global memory and three launches become one -- what S
 DNNFusion count as one fused kernel, scheduled here without tensor cores (the sequences of the
 models we target are short: 50-200 tokens a head).
 
+A row may instead get two warps (``lanes = 64``, ``TVM_SMARTMEM_ATTENTION_LANES`` or
+``FusedAttention(lanes=64)``): twice the resident warps for the same rows (DeiT-S's 1182 rows
+are ~9 warps a multiprocessor on the H100 with one warp each -- too few to hide the shared-
+memory and L1 latencies of a kernel without register tiling), K and V tiles of 64 keys, each
+lane one output of a 64-wide head, and the row statistics reduced across the two warps by
+TVM's multi-warp all-reduce (shuffles, then one exchange through shared memory).  It applies
+where each lane then owns whole outputs of the staged V loop (head a multiple of 64, tiles in
+a 48 KiB budget); elsewhere the rule keeps one warp.
+
 Anything that does not have exactly this shape is declined (``None``), and the buffer rules
 that follow in the list take it.  Q, K and V may be images (texels read one value at a time);
 when the output is an image (texture activations), each lane accumulates whole texels -- four
