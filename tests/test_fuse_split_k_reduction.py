@@ -98,6 +98,55 @@ def test_the_sum_is_the_unfused_kernels_sum(monkeypatch):
     np.testing.assert_array_equal(fused, unfused)
 
 
+@pytest.mark.parametrize("batch", [3, 64])
+def test_batched_tail_loads_give_the_same_bits(monkeypatch, batch):
+    """TVM_SMARTMEM_SPLIT_K_TAIL_BATCH: the last block loads the partial products of several
+    outputs a thread before summing any (3: not a divisor of the tile's steps, so the last
+    group has slots past the tile; 64: more than the steps, all loads first).  The sums keep
+    their order: on PoCL the build agrees to the last bit with the unfused one, call after
+    call."""
+    from tvm_smartmem.runtime import opencl
+    from tvm_smartmem.transform import fuse_split_k_reduction
+
+    dev = opencl.require_device()
+    monkeypatch.setenv(split_k.ENV, "4")
+    monkeypatch.setenv(fuse_split_k_reduction.TAIL_ENV, str(batch))
+    mod = _linear(45, 512, 96, (1,), "gelu")
+    xs = [_data(45, 512, 96, seed=s)[0] for s in (1, 2)]
+    _, w, b = _data(45, 512, 96)
+    ex, stats = _compile(mod)
+    assert stats.kernels == 1
+    fused = _vm_calls(ex, dev, xs, [w, b])
+    unfused = _vm_calls(_compile(mod, disable=True)[0], dev, xs, [w, b])
+    for f, u in zip(fused, unfused, strict=True):
+        np.testing.assert_array_equal(f, u)
+
+
+def test_batched_tail_issues_its_loads_first(monkeypatch):
+    """In the CUDA kernel with a batch of 4, each group's 4 x S partial products are loaded
+    (__ldcg into registers) before the first output of the group is written; a batch that is
+    not a positive integer is a clear error."""
+    import re
+
+    from tvm_smartmem.transform import fuse_split_k_reduction
+
+    monkeypatch.setenv(split_k.ENV, "8")
+    monkeypatch.setenv(fuse_split_k_reduction.TAIL_ENV, "4")
+    ex, stats, _ = compile_with(_linear(128, 768, 768, (1,), "none"), targets.get("cuda"),
+                                "smartmem")
+    assert stats.kernels == 1
+    src = device_sources(ex)
+    tail = src[src.index("atomicAdd("):]
+    loads = [m.start() for m in re.finditer(r"splitk_partials_ptr\[\d+\] = __ldcg", tail)]
+    stores = [m.start() for m in re.finditer(r"\n\s*T_\w+_ptr\[", tail)]
+    assert len(loads) % 32 == 0 and loads and stores
+    # the first group's 32 loads all precede the group's first store
+    assert loads[31] < stores[0]
+    monkeypatch.setenv(fuse_split_k_reduction.TAIL_ENV, "0")
+    with pytest.raises(ValueError, match="TAIL_BATCH"):
+        fuse_split_k_reduction.tail_batch()
+
+
 def test_a_normalising_sum_keeps_its_kernel(monkeypatch):
     """A partial sum the planner fused with a layernorm is a row reduction, not an
     element-wise block: it stays a kernel of its own (the pass declines, the counts of the
