@@ -100,6 +100,56 @@ def _graph_with_weight_inputs(model, weight_names: list[str]):
     return out
 
 
+def parse_variants(spec: str) -> dict[str, dict[str, str]]:
+    """``label:VAR=VALUE,VAR=VALUE;label2:...`` -> {label: {VAR: VALUE}}: extra smartmem builds
+    compiled with those pipeline switches (``TVM_SMARTMEM_*``; they are read at compile time),
+    named ``smartmem_<label>-<target>`` -- the naming ``merge`` gives variants -- so that a
+    knob's settings share one bundle, one runtime copy and one device call."""
+    out: dict[str, dict[str, str]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        label, sep, settings = part.partition(":")
+        if not sep or not label.isidentifier():
+            raise SystemExit(f"--variants: {part!r} is not label:VAR=VALUE,... (a label of "
+                             "letters, digits and underscores)")
+        pairs = {}
+        for item in filter(None, settings.split(",")):
+            var, eq, value = item.partition("=")
+            if not eq or not var.startswith("TVM_SMARTMEM_"):
+                raise SystemExit(f"--variants: {item!r} in {label!r} is not "
+                                 "TVM_SMARTMEM_NAME=VALUE")
+            pairs[var] = value
+        if label in out:
+            raise SystemExit(f"--variants: label {label!r} given twice")
+        out[label] = pairs
+    return out
+
+
+class _switches:
+    """The environment with ``settings`` applied for the duration (restored after); the GEMM
+    knob table is re-read when its path is among them."""
+
+    def __init__(self, settings: dict[str, str]):
+        self.settings, self.saved = settings, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.settings}
+        os.environ.update(self.settings)
+        self._reload()
+
+    def __exit__(self, *_):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        self._reload()
+
+    def _reload(self) -> None:
+        from tvm_smartmem.tir.matmul import load_table
+
+        load_table.cache_clear()
+
+
 def prepare(args: argparse.Namespace) -> None:
     import onnx
     import tvm
@@ -115,9 +165,15 @@ def prepare(args: argparse.Namespace) -> None:
     names = zoo.resolve(args.models)
     pipelines = args.pipelines.split(",")
     target_names = args.targets.split(",")
+    variants = parse_variants(getattr(args, "variants", ""))
     manifest = {"created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "git_commit": git_commit(), "host": platform.node(),
-                "tvm": tvm.__version__, "seed": SEED, "pipelines": pipelines, "models": {}}
+                "tvm": tvm.__version__, "seed": SEED, "pipelines": pipelines,
+                "variants": variants, "models": {}}
+    # (build name, pipeline, pipeline switches): the plain builds, then each variant
+    plan = [(pipeline, pipeline, {}) for pipeline in pipelines]
+    plan += [(f"smartmem_{label}", "smartmem", settings)
+             for label, settings in variants.items()]
     for i, name in enumerate(names, 1):
         t0 = time.perf_counter()
         path = zoo.model_path(name)
@@ -130,16 +186,18 @@ def prepare(args: argparse.Namespace) -> None:
         entry = {"inputs": frontend.input_signature(mod), "weights": _weight_spec(params),
                  "weight_names": weights, "builds": {}}
         onnx.save(_graph_with_weight_inputs(model, weights), str(out / "graph.onnx"))
-        for pipeline in pipelines:
+        for build, pipeline, settings in plan:
             for target_name in target_names:
                 if target_name == "opencl-texture" and pipeline == "baseline":
                     continue  # the generic GPU pipeline: the same build as baseline-opencl
                 tgt = targets.get(target_name)
-                ex, stats, secs, facts = compile_with_facts(mod, tgt, pipeline)
-                lib = out / f"{pipeline}-{target_name}.so"
+                with _switches(settings):
+                    ex, stats, secs, facts = compile_with_facts(mod, tgt, pipeline)
+                lib = out / f"{build}-{target_name}.so"
                 ex.export_library(str(lib))
-                entry["builds"][f"{pipeline}-{target_name}"] = {
+                entry["builds"][f"{build}-{target_name}"] = {
                     "library": lib.name, "target": str(tgt), "compile_seconds": round(secs, 1),
+                    "switches": settings,
                     "device": "cuda" if target_name == "cuda" else "opencl",
                     "stats": stats.summary(),
                     # the kind of each kernel, by the name a profile gives it: measured
@@ -584,6 +642,9 @@ def _speedup_pairs(builds: list[str]) -> dict[str, tuple[str, str]]:
         variant, _, device = b.partition("-")
         if variant.startswith("smartmem_") and f"baseline-{device}" in builds:
             pairs[f"{variant.removeprefix('smartmem_')} {device}"] = (f"baseline-{device}", b)
+        if variant.startswith("smartmem_") and f"smartmem-{device}" in builds:
+            pairs[f"{variant.removeprefix('smartmem_')} over smartmem {device}"] = (
+                f"smartmem-{device}", b)
     if "smartmem-opencl-texture" in builds:
         if "smartmem-opencl" in builds:
             pairs["texture over buffers"] = ("smartmem-opencl", "smartmem-opencl-texture")
@@ -704,6 +765,10 @@ def main() -> None:
                    help="cuda,opencl[,opencl-texture] (the texture target runs on NVIDIA's "
                         "OpenCL; TVM's baseline has no texture path, so it is not built there)")
     a.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
+    a.add_argument("--variants", default="",
+                   help="extra smartmem builds with pipeline switches, "
+                        "label:TVM_SMARTMEM_X=v,TVM_SMARTMEM_Y=w;label2:... -> builds "
+                        "smartmem_<label>-<target>, compared with smartmem-<target> by report")
     a.set_defaults(func=prepare)
     m = sub.add_parser("measure", help="run on the GPU machine")
     m.add_argument("--bundle", default=str(DEFAULT_BUNDLE))

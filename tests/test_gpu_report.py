@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import gpu_machine as gm
@@ -33,12 +35,43 @@ def test_merge_renames_variants_and_pairs_them_with_the_same_baseline(tmp_path):
                                                  "smartmem_def-cuda", "smartmem_def-opencl"}
     assert data["variants"] == {"def": "def"} and data["manifest"]["git_commit"] == "abc"
     pairs = gm._speedup_pairs(sorted(data["models"]["m"]["builds"]))
-    # no opencl baseline: the opencl variant has nothing to be compared with
+    # no opencl baseline nor smartmem build: the opencl variant has nothing to be compared
+    # with; the cuda variant is compared with TVM and with the same call's smartmem build
     assert pairs == {"cuda": ("baseline-cuda", "smartmem-cuda"),
-                     "def cuda": ("baseline-cuda", "smartmem_def-cuda")}
+                     "def cuda": ("baseline-cuda", "smartmem_def-cuda"),
+                     "def over smartmem cuda": ("smartmem-cuda", "smartmem_def-cuda")}
     model = data["models"]["m"]
     assert gm._speedup(model, *pairs["cuda"]) == 2.0
     assert gm._speedup(model, *pairs["def cuda"]) == 1.6
+    assert gm._speedup(model, *pairs["def over smartmem cuda"]) == 0.8
+
+
+def test_variants_are_labelled_switch_sets():
+    """``prepare --variants``: each label a set of pipeline switches, one build each."""
+    assert gm.parse_variants("lanes64:TVM_SMARTMEM_ATTENTION_KEYS=256,"
+                             "TVM_SMARTMEM_ATTENTION_LANES=64; fused:"
+                             "TVM_SMARTMEM_SPLIT_K_REDUCTION=on;") == {
+        "lanes64": {"TVM_SMARTMEM_ATTENTION_KEYS": "256", "TVM_SMARTMEM_ATTENTION_LANES": "64"},
+        "fused": {"TVM_SMARTMEM_SPLIT_K_REDUCTION": "on"}}
+    assert gm.parse_variants("") == {}
+    for bad in ("lanes64", "a-b:TVM_SMARTMEM_X=1", "x:PATH=/bin", "x:TVM_SMARTMEM_X",
+                "x:TVM_SMARTMEM_X=1;x:TVM_SMARTMEM_X=2"):
+        with pytest.raises(SystemExit, match="--variants"):
+            gm.parse_variants(bad)
+
+
+def test_switches_apply_for_the_build_and_are_restored(monkeypatch):
+    """A variant's switches hold while it compiles, and the environment is as before after
+    (a variable that was unset is unset again), so the next build is the plain one."""
+    import os
+
+    from tvm_smartmem.transform import fuse_split_k_reduction as fsk
+
+    monkeypatch.setenv(fsk.ENV, "off")
+    monkeypatch.delenv(fsk.TAIL_ENV, raising=False)
+    with gm._switches({fsk.ENV: "on", fsk.TAIL_ENV: "4"}):
+        assert os.environ[fsk.ENV] == "on" and fsk.tail_batch() == 4
+    assert os.environ[fsk.ENV] == "off" and fsk.TAIL_ENV not in os.environ
 
 
 def test_merge_names_a_file_that_is_not_a_results_file(tmp_path):
