@@ -150,6 +150,26 @@ class _switches:
         load_table.cache_clear()
 
 
+def _static_resources(ex, facts: dict) -> dict[str, dict]:
+    """Per kernel (by the name a profile gives it) registers, shared memory, spills and
+    resident warps on the H100 (``kernel_resources.py``); {} without nvcc here."""
+    import kernel_resources as kr
+
+    if shutil.which("nvcc") is None:
+        return {}
+    mp = kr.DEVICES["h100"]
+    found = kr.ptxas_resources(kr.cuda_source(ex), mp.arch)
+    out = {}
+    for name, (threads, blocks) in facts.get("launch", {}).items():
+        res = found.get(f"{name}_kernel")
+        if res is None:
+            continue
+        per_sm = kr.occupancy(mp, threads, res["registers"], res["shared"])
+        out[name] = {**res, "threads": threads, "blocks": blocks,
+                     "resident_warps": round(kr.resident_warps(mp, threads, blocks, per_sm), 1)}
+    return out
+
+
 def prepare(args: argparse.Namespace) -> None:
     import onnx
     import tvm
@@ -193,6 +213,7 @@ def prepare(args: argparse.Namespace) -> None:
                 tgt = targets.get(target_name)
                 with _switches(settings):
                     ex, stats, secs, facts = compile_with_facts(mod, tgt, pipeline)
+                resources = _static_resources(ex, facts) if target_name == "cuda" else {}
                 lib = out / f"{build}-{target_name}.so"
                 ex.export_library(str(lib))
                 entry["builds"][f"{build}-{target_name}"] = {
@@ -203,6 +224,9 @@ def prepare(args: argparse.Namespace) -> None:
                     # the kind of each kernel, by the name a profile gives it: measured
                     # texture profiles become per-kind ratios (texture_activations.py ratios)
                     "kernel_kinds": facts.get("kernel_kinds", {}),
+                    # registers, shared memory and resident warps per kernel (CUDA, when this
+                    # machine has nvcc): the profile tables show them beside the times
+                    "resources": resources,
                 }
         manifest["models"][name] = entry
         print(f"[{i}/{len(names)}] {name}: {len(params)} weights, "
@@ -401,7 +425,8 @@ def _measure_stage2(args: argparse.Namespace) -> None:
                 continue
             device = b.get("device") or build.rsplit("-", 1)[1]
             row = {"stats": b["stats"], "compile_seconds": b["compile_seconds"],
-                   "kernel_kinds": b.get("kernel_kinds", {})}
+                   "kernel_kinds": b.get("kernel_kinds", {}),
+                   "resources": b.get("resources", {})}
             try:
                 runner = LocalRunner(device, repeat=args.repeat, number=args.number,
                                      warmup=args.warmup)
@@ -707,10 +732,22 @@ def _profile_tables(data: dict, top: int = 8) -> list[str]:
             if "profile_us" not in row:
                 continue
             total = sum(k["total_us"] for k in row["profile_us"])
+            res = row.get("resources") or {}
             lines += ["", f"Slowest kernels, {name} {build} (synchronised per call, "
-                      f"{total:.0f} us in all):", "", "| kernel | calls | us |", "|---|---|---|"]
-            lines += [f"| `{k['kernel'][:70]}` | {k['calls']} | {k['total_us']:.1f} |"
-                      for k in row["profile_us"][:top]]
+                      f"{total:.0f} us in all" + ("; registers and resident warps per "
+                                                  "multiprocessor from ptxas" if res else "") +
+                      "):", ""]
+            if res:
+                lines += ["| kernel | calls | us | regs | blocks | resident warps |",
+                          "|---|---|---|---|---|---|"]
+                lines += [f"| `{k['kernel'][:70]}` | {k['calls']} | {k['total_us']:.1f} | "
+                          + (f"{r['registers']} | {r['blocks']} | {r['resident_warps']} |"
+                             if (r := res.get(k["kernel"])) else "| | |")
+                          for k in row["profile_us"][:top]]
+            else:
+                lines += ["| kernel | calls | us |", "|---|---|---|"]
+                lines += [f"| `{k['kernel'][:70]}` | {k['calls']} | {k['total_us']:.1f} |"
+                          for k in row["profile_us"][:top]]
     return lines
 
 

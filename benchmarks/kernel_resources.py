@@ -94,21 +94,12 @@ def resident_warps(mp: Multiprocessor, threads: int, blocks: int, per_sm: int) -
     return min(blocks, per_sm * mp.sms) * warps / mp.sms
 
 
-def launch_configs(func) -> list[tuple[int, int]]:
-    """(threads per block, blocks) of each kernel of a scheduled PrimFunc, in launch order."""
-    from tvm_smartmem.analysis.thread_extents import kernel_thread_extents
+def launch_configs(func) -> list[tuple[int, int] | None]:
+    """(threads per block, blocks) of each kernel of a scheduled PrimFunc, in launch order
+    (``None``: a symbolic extent)."""
+    from tvm_smartmem.analysis.thread_extents import kernel_launch_sizes
 
-    out = []
-    for kernel in kernel_thread_extents(func):
-        def product(prefix: str, kernel=kernel) -> int:
-            total = 1
-            for tag, extents in kernel.items():
-                if tag.startswith(prefix):
-                    total *= max(int(e) for e in extents if isinstance(e, int)) \
-                        if any(isinstance(e, int) for e in extents) else 1
-            return total
-        out.append((product("threadIdx"), product("blockIdx")))
-    return out
+    return kernel_launch_sizes(func)
 
 
 def cuda_source(executable) -> str:
@@ -161,11 +152,12 @@ def measure_model(name: str, mp: Multiprocessor) -> list[dict]:
     for fname, func in funcs.items():
         rule = str(func.attrs["smartmem.schedule_rule"]) if func.attrs is not None and \
             "smartmem.schedule_rule" in func.attrs else ""
-        for k, (threads, blocks) in enumerate(launch_configs(func)):
+        for k, size in enumerate(launch_configs(func)):
             kernel = f"{fname}_kernel" if k == 0 else f"{fname}_kernel_{k}"
             res = resources.get(kernel)
-            if res is None:
+            if res is None or size is None:
                 continue
+            threads, blocks = size
             per_sm = occupancy(mp, threads, res["registers"], res["shared"])
             rows.append({"kernel": kernel, "rule": rule, "launches": launches.get(fname, 0),
                          "threads": threads, "blocks": blocks, **res,

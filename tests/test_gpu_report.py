@@ -209,3 +209,21 @@ def test_first_divergence_names_the_kernel_that_changes():
                                     [np.ones(4, "float32")], runs=3)
     assert found is not None and found["kernel"] == "bump" and found["run"] == 1
     assert found["max_abs_diff"] == 1.0
+
+
+def test_profile_tables_show_registers_and_resident_warps_beside_the_times():
+    """A CUDA build prepared where nvcc was has per-kernel resources; the report's slowest-
+    kernel table then gives each kernel's registers, blocks and resident warps (blank for a
+    kernel ptxas did not name); without resources the table is the plain one."""
+    row = {"profile_us": [{"kernel": "gemm", "calls": 12, "total_us": 480.0},
+                          {"kernel": "softmax", "calls": 12, "total_us": 90.0}],
+           "resources": {"gemm": {"registers": 56, "shared": 6912, "spills": 0,
+                                  "threads": 128, "blocks": 42, "resident_warps": 1.3}}}
+    lines = gm._profile_tables({"models": {"m": {"builds": {"smartmem-cuda": row}}}})
+    text = "\n".join(lines)
+    assert "| kernel | calls | us | regs | blocks | resident warps |" in text
+    assert "| `gemm` | 12 | 480.0 | 56 | 42 | 1.3 |" in text
+    assert "| `softmax` | 12 | 90.0 | | | |" in text
+    del row["resources"]
+    plain = "\n".join(gm._profile_tables({"models": {"m": {"builds": {"b": row}}}}))
+    assert "| kernel | calls | us |" in plain and "regs" not in plain

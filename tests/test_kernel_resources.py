@@ -66,6 +66,16 @@ def test_launch_configs_of_a_scheduled_kernel():
 
     assert kr.launch_configs(f) == [(128, 64)]
 
+    @T.prim_func
+    def g(a: T.handle):
+        n = T.int32()
+        A = T.match_buffer(a, (n, 128), "float32")
+        for bx in T.thread_binding(n, thread="blockIdx.x"):
+            for tx in T.thread_binding(128, thread="threadIdx.x"):
+                A[bx, tx] = T.float32(0)
+
+    assert kr.launch_configs(g) == [None]  # a symbolic grid: no occupancy figure
+
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit's nvcc")
 def test_ptxas_resources_of_a_generated_kernel():

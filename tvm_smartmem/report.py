@@ -111,7 +111,22 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
             "weight_layout": layout_selection_of(main).get("layout"),
             "texture_weights": texture_weights_of(main),
             "texture_activations": texture_activations_of(main),
-            "kernel_kinds": kernel_kinds(lowered)}
+            "kernel_kinds": kernel_kinds(lowered),
+            "launch": kernel_launches(lowered)}
+
+
+def kernel_launches(lowered: tvm.IRModule) -> dict[str, list[int]]:
+    """[threads per block, blocks] of each GPU kernel (the first launch of a PrimFunc that
+    has several), by PrimFunc name; kernels with symbolic extents are left out."""
+    from .analysis.thread_extents import kernel_launch_sizes
+
+    out = {}
+    for gv, func in lowered.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sizes = kernel_launch_sizes(func)
+            if sizes and sizes[0] is not None:
+                out[gv.name_hint] = list(sizes[0])
+    return out
 
 
 def pipeline_pass(pipeline: str, target: tvm.target.Target) -> tvm.transform.Pass:

@@ -52,6 +52,25 @@ def kernel_thread_extents(func: tirx.PrimFunc) -> list[dict[str, set[int | str]]
     return out
 
 
+def kernel_launch_sizes(func: tirx.PrimFunc) -> list[tuple[int, int] | None]:
+    """Per kernel of ``func``, (threads per block, blocks): the product of the largest extent
+    of each ``threadIdx`` / ``blockIdx`` axis (the launch takes the largest); ``None`` for a
+    kernel with a symbolic extent."""
+    out: list[tuple[int, int] | None] = []
+    for kernel in kernel_thread_extents(func):
+        sizes = {"threadIdx": 1, "blockIdx": 1}
+        for tag, extents in kernel.items():
+            if not all(isinstance(e, int) for e in extents):
+                out.append(None)
+                break
+            kind = tag.split(".")[0]
+            if kind in sizes:
+                sizes[kind] *= max(extents)
+        else:
+            out.append((sizes["threadIdx"], sizes["blockIdx"]))
+    return out
+
+
 def mismatched_thread_extents(func: tirx.PrimFunc) -> dict[str, set[int | str]]:
     """The ``threadIdx`` axes some kernel of ``func`` binds with more than one extent (empty:
     every kernel is consistent)."""
