@@ -100,3 +100,54 @@ def test_the_ablation_can_switch_it_off():
     rules = {f.attrs["smartmem.schedule_rule"] for f in lowered.functions.values()
              if isinstance(f, tvm.tirx.PrimFunc)}
     assert rules == {"Matmul"}
+
+
+def _grid(lowered) -> int:
+    from tvm_smartmem.analysis.thread_extents import kernel_launch_sizes
+
+    (func,) = [f for f in lowered.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    return kernel_launch_sizes(func)[0][1]
+
+
+def test_small_grids_get_smaller_micro_tiles_with_the_switch(monkeypatch):
+    """TVM_SMARTMEM_SMALL_GRID_TILES=on: a batched GEMM whose grid would leave multiprocessors
+    without a block (DeiT-S's PV shape: 6 x 197 x 64, 42 blocks on CUDA) is scheduled with
+    micro tiles halved until it gives each of 132 a block; a GEMM that already fills them is
+    left alone; off (the default) changes nothing; another value is a clear error."""
+    cuda = targets.get("cuda")
+    small = _gemm(197, 197, 64, batch=(6,))
+    big = _gemm(512, 64, 512, batch=(6,))
+    with cuda:
+        before = [_grid(smartmem_pipeline(cuda)(m)) for m in (small, big)]
+        monkeypatch.setenv(matmul.SMALL_GRID_ENV, "on")
+        after = [_grid(smartmem_pipeline(cuda)(m)) for m in (small, big)]
+    assert before[0] == 42 and after[0] >= 132
+    assert after[1] == before[1] >= 132
+    monkeypatch.setenv(matmul.SMALL_GRID_ENV, "maybe")
+    with pytest.raises(ValueError, match="SMALL_GRID_TILES"):
+        matmul.small_grid_tiles()
+
+
+def test_small_grid_tiles_match_numpy_on_opencl(monkeypatch):
+    """The re-scheduled GEMM (more, smaller blocks; rows and columns not multiples of the
+    tile, a fused gelu) on PoCL: values within float32 tolerance of numpy."""
+    from math import erf, sqrt
+
+    from tvm_smartmem.runtime import opencl
+
+    dev = opencl.require_device()
+    tgt = targets.get("opencl")
+    mod = _gemm(37, 40, 24, batch=(3,))
+    with tgt:
+        monkeypatch.setenv(matmul.SMALL_GRID_ENV, "off")
+        plain = _grid(smartmem_pipeline(tgt)(mod))
+        monkeypatch.setenv(matmul.SMALL_GRID_ENV, "on")
+        assert _grid(smartmem_pipeline(tgt)(mod)) > plain
+    ex = tvm.compile(mod, tgt, relax_pipeline=smartmem_pipeline(tgt))
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((3, 37, 40)).astype("float32")
+    b = rng.standard_normal((3, 40, 24)).astype("float32")
+    out = relax.VirtualMachine(ex, dev)["main"](tvm.runtime.tensor(a, dev),
+                                               tvm.runtime.tensor(b, dev)).numpy()
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / sqrt(2))))
+    assert_matches([out], [gelu(a.astype("float64") @ b.astype("float64")).astype("float32")])

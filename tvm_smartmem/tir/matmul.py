@@ -25,6 +25,11 @@ from tvm.target import Target
 
 TABLE = Path(__file__).resolve().parent / "matmul_configs.json"
 ENV = "TVM_SMARTMEM_MATMUL_CONFIGS"
+#: ``on``: a GEMM whose grid would not give every multiprocessor a thread block gets smaller
+#: micro tiles (see :meth:`TunedMatmul.apply`); ``off`` (the default until it is timed).
+SMALL_GRID_ENV = "TVM_SMARTMEM_SMALL_GRID_TILES"
+#: Multiprocessors to fill when the table entry does not say (the H100's 132).
+SMALL_GRID_BLOCKS = 132
 KNOBS = tuple(f.name for f in dataclasses.fields(gpu.Matmul.Config))
 #: The knobs of the other texture rules (``tir/schedules.py``) and their defaults; a texture
 #: target's entry (key ``<kind>-texture``) holds measured values under ``rules``, written by
@@ -82,6 +87,29 @@ class TunedMatmul(gpu.Matmul):
         self.config = config
         self.table = table
 
+    def apply(self, func, target, tunable):
+        """dlight's schedule with the table's knobs; with ``TVM_SMARTMEM_SMALL_GRID_TILES=on``
+        a GEMM that would launch fewer thread blocks than the GPU has multiprocessors (the
+        batched GEMMs of a split attention: DeiT-S's PV, 42 blocks of 32 x 64 outputs, 1.3
+        resident warps a multiprocessor) is scheduled again with each thread's micro tile
+        halved along both axes, a quarter of the outputs a block, until it fills them or the
+        micro tile is one output."""
+        sch = super().apply(func, target, tunable)
+        if sch is None or self.config is not None or not small_grid_tiles():
+            return sch
+        config = self.get_configs(target)
+        want = small_grid_blocks(target)
+        blocks = _blocks(sch)
+        while blocks is not None and blocks < want and \
+                (config.micro_size_x > 1 or config.micro_size_y > 1):
+            config = dataclasses.replace(config, micro_size_x=max(1, config.micro_size_x // 2),
+                                         micro_size_y=max(1, config.micro_size_y // 2))
+            smaller = TunedMatmul(config, self.table).apply(func, target, tunable)
+            if smaller is None:
+                break
+            sch, blocks = smaller, _blocks(smaller)
+        return sch
+
     def get_configs(self, target: Target) -> gpu.Matmul.Config:
         if self.config is not None:
             return self.config
@@ -90,3 +118,27 @@ class TunedMatmul(gpu.Matmul):
         if entry is None:
             return super().get_configs(target)
         return gpu.Matmul.Config(**entry["config"])
+
+
+def small_grid_tiles() -> bool:
+    """Is ``TVM_SMARTMEM_SMALL_GRID_TILES`` on?"""
+    value = os.environ.get(SMALL_GRID_ENV, "off").lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{SMALL_GRID_ENV}={value!r}: expected on or off")
+    return value == "on"
+
+
+def small_grid_blocks(target: Target) -> int:
+    """Thread blocks a GEMM should launch at least: the table entry's ``small_grid_blocks``
+    (its device's multiprocessors), else :data:`SMALL_GRID_BLOCKS`."""
+    key = target_key(target)
+    entry = load_table().get(key, {}) if key else {}
+    return int(entry.get("small_grid_blocks", SMALL_GRID_BLOCKS))
+
+
+def _blocks(sch) -> int | None:
+    """Thread blocks of a scheduled GEMM's (first) kernel; None where symbolic."""
+    from ..analysis.thread_extents import kernel_launch_sizes
+
+    sizes = kernel_launch_sizes(sch.mod["main"])
+    return sizes[0][1] if sizes and sizes[0] is not None else None
