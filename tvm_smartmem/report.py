@@ -44,6 +44,7 @@ class PipelineReport:
     texture_weights: dict = dataclasses.field(default_factory=dict)  # PackWeightsToTexture's
     texture_activations: dict = dataclasses.field(default_factory=dict)  # PackActivations...
     kernel_kinds: dict = dataclasses.field(default_factory=dict)  # kernel -> cost.texture kind
+    launch: dict = dataclasses.field(default_factory=dict)  # kernel -> [threads, blocks] (GPU)
 
     @property
     def fusion_rate(self) -> float | None:
@@ -89,7 +90,8 @@ def pipeline_facts(lowered: tvm.IRModule) -> dict:
     """What the smartmem passes recorded on ``main``: rewrites, FLOPs removed, opaque ops,
     GEMMs combined, GEMMs split along k (a module attribute), the weight layout chosen, on
     texture targets which weights and activations went into images (and why the others did
-    not), and the kind of every kernel (``cost.texture.kernel_kinds``)."""
+    not), the kind of every kernel (``cost.texture.kernel_kinds``) and its launch size on GPU
+    targets (:func:`kernel_launches`)."""
     from .cost.texture import kernel_kinds
     from .transform.combine_parallel_matmul import combined_of
     from .transform.math_rewrite import rewrites_of
