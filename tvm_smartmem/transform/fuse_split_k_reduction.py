@@ -49,9 +49,13 @@ explicitly asked for.
 Whether it pays: on the H100 it does not, yet.  Measured side by side
 (``benchmarks/results/gpu_h100_splitk_reduction_f30fbda.md``) the fused GEMMs are 2-5% slower
 end to end than GEMM + separate sum kernel (BERT-base 1.883 vs 1.823 ms, Swin-T 1.290 vs
-1.232) -- the sum runs in one thread block of S, at the end, in a kernel whose registers the
-GEMM already claims -- while the kernel counts drop (geomean over the transformer zoo 0.58x ->
-0.49x of TVM's, ``kernel_counts_cuda_splitk_fused.md``).  So it is off by default and
+1.232) -- the sum runs in one thread block of S, at the end, each of its threads waiting an L2
+round trip per output it sums (the fused kernel keeps the GEMM's 56 registers, so occupancy
+is not the cost: ``kernel_resources_h100_splitk_fused.md``) -- while the kernel counts drop
+(geomean over the transformer zoo 0.58x -> 0.49x of TVM's, ``kernel_counts_cuda_splitk_fused.md``).
+``TVM_SMARTMEM_SPLIT_K_TAIL_BATCH=N`` has each thread load the partials of N outputs before it
+sums any (same order, same bits), to overlap those round trips; not yet timed.  So it is off
+by default and
 ``TVM_SMARTMEM_SPLIT_K_REDUCTION`` switches it: ``on`` (CUDA), ``all`` (OpenCL too, with
 ``mem_fence`` and ``atomic_add``: correct where caches are coherent, as on PoCL's CPU device,
 which is how the tests exercise the transformation's numerics) or ``off`` (the default;
