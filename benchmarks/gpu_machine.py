@@ -124,32 +124,6 @@ def parse_variants(spec: str) -> dict[str, dict[str, str]]:
     return out
 
 
-class _switches:
-    """The environment with ``settings`` applied for the duration (restored after); the GEMM
-    knob table is re-read when its path is among them."""
-
-    def __init__(self, settings: dict[str, str]):
-        self.settings, self.saved = settings, {}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.settings}
-        os.environ.update(self.settings)
-        self._reload()
-
-    def __exit__(self, *_):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        self._reload()
-
-    def _reload(self) -> None:
-        from tvm_smartmem.tir.matmul import load_table
-
-        load_table.cache_clear()
-
-
 def _static_resources(ex, facts: dict) -> dict[str, dict]:
     """Per kernel (by the name a profile gives it) registers, shared memory, spills and
     resident warps on the H100 (``kernel_resources.py``); {} without nvcc here."""
@@ -174,7 +148,7 @@ def prepare(args: argparse.Namespace) -> None:
     import onnx
     import tvm
 
-    from tvm_smartmem import frontend, targets, zoo
+    from tvm_smartmem import frontend, switches, targets, zoo
     from tvm_smartmem.bench import git_commit
     from tvm_smartmem.report import compile_with_facts
 
@@ -211,7 +185,7 @@ def prepare(args: argparse.Namespace) -> None:
                 if target_name == "opencl-texture" and pipeline == "baseline":
                     continue  # the generic GPU pipeline: the same build as baseline-opencl
                 tgt = targets.get(target_name)
-                with _switches(settings):
+                with switches.applied(settings):
                     ex, stats, secs, facts = compile_with_facts(mod, tgt, pipeline)
                 resources = _static_resources(ex, facts) if target_name == "cuda" else {}
                 lib = out / f"{build}-{target_name}.so"

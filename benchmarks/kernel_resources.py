@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import platform
 import re
 import shutil
@@ -104,15 +103,9 @@ def launch_configs(func) -> list[tuple[int, int] | None]:
 
 def cuda_source(executable) -> str:
     """The CUDA module's source of a ``tvm.compile`` result (not the host's LLVM IR)."""
-    def walk(module) -> list[str]:
-        found = []
-        for imported in module.imports:
-            if imported.kind == "cuda":
-                found.append(imported.inspect_source())
-            found.extend(walk(imported))
-        return found
+    from tvm_smartmem.analysis.shared_memory import device_sources
 
-    return "\n".join(walk(getattr(executable, "mod", executable)))
+    return device_sources(executable, kind="cuda")
 
 
 def ptxas_resources(source: str, arch: str) -> dict[str, dict]:
@@ -177,15 +170,12 @@ def summary(rows: list[dict]) -> dict:
             "max_registers": max((r["registers"] for r in rows), default=0)}
 
 
-#: environment variables of the project that are not pipeline switches (where libraries are)
-NOT_KNOBS = frozenset({"TVM_SMARTMEM_OPENCL_LIB", "TVM_SMARTMEM_PROFILE_DB", "TVM_SMARTMEM_CACHE",
-                       "TVM_SMARTMEM_ZOO"})
+def _knobs() -> str:
+    """The pipeline switches set in the environment (they change what is compiled), as a
+    shell prefix ("" when none)."""
+    from tvm_smartmem.bench import env_prefix
 
-
-def _knobs() -> dict[str, str]:
-    """The pipeline switches set in the environment (they change what is compiled)."""
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith("TVM_SMARTMEM_") and k not in NOT_KNOBS}
+    return env_prefix()
 
 
 def write(data: dict, name: str) -> Path:
@@ -267,9 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                                          capture_output=True, check=False).stdout.strip(),
             "nvcc": subprocess.run(["nvcc", "--version"], text=True, capture_output=True,
                                    check=False).stdout.strip().splitlines()[-1:],
-            "host": platform.node(), "knobs": " ".join(f"{k}={v}" for k, v in _knobs().items()),
-            "command": " ".join(f"{k}={v}" for k, v in _knobs().items()) +
-            (" " if _knobs() else "") + "python benchmarks/kernel_resources.py " +
+            "host": platform.node(), "knobs": _knobs().strip(),
+            "command": _knobs() + "python benchmarks/kernel_resources.py " +
             " ".join(sys.argv[1:] if argv is None else argv),
             "models": {}}
     data["nvcc"] = data["nvcc"][0] if data["nvcc"] else "nvcc"

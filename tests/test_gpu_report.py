@@ -65,11 +65,12 @@ def test_switches_apply_for_the_build_and_are_restored(monkeypatch):
     (a variable that was unset is unset again), so the next build is the plain one."""
     import os
 
+    from tvm_smartmem import switches
     from tvm_smartmem.transform import fuse_split_k_reduction as fsk
 
     monkeypatch.setenv(fsk.ENV, "off")
     monkeypatch.delenv(fsk.TAIL_ENV, raising=False)
-    with gm._switches({fsk.ENV: "on", fsk.TAIL_ENV: "4"}):
+    with switches.applied({fsk.ENV: "on", fsk.TAIL_ENV: "4"}):
         assert os.environ[fsk.ENV] == "on" and fsk.tail_batch() == 4
     assert os.environ[fsk.ENV] == "off" and fsk.TAIL_ENV not in os.environ
 

@@ -23,6 +23,12 @@ class SmartMemError(Exception):
 
 
 @_crosses_ffi
+class SwitchError(SmartMemError, ValueError):
+    """A pipeline switch (``TVM_SMARTMEM_*`` environment variable) has a value it does not
+    take."""
+
+
+@_crosses_ffi
 class ModelLoadError(SmartMemError):
     """The model file is missing, unreadable or not a valid model."""
 

@@ -38,14 +38,16 @@ def shared_bytes(source: str) -> dict[str, int]:
     return out
 
 
-def device_sources(executable) -> str:
-    """The generated device code of a ``tvm.compile`` result (CUDA / OpenCL C), all modules."""
+def device_sources(executable, kind: str | None = None) -> str:
+    """The generated device code of a ``tvm.compile`` result (CUDA / OpenCL C), all modules,
+    or only those of module ``kind`` (``"cuda"``: what nvcc compiles, without host code)."""
     def walk(module) -> list[str]:
         found = []
         for imported in module.imports:
             # a module without source (the host's LLVM object) has nothing to read
-            with contextlib.suppress(Exception):
-                found.append(imported.inspect_source())
+            if kind is None or imported.kind == kind:
+                with contextlib.suppress(Exception):
+                    found.append(imported.inspect_source())
             found.extend(walk(imported))
         return found
 

@@ -47,6 +47,7 @@ import os
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from .. import switches
 from ..errors import SmartMemError
 from .texture import LANES as TEXEL  # values per texel (RGBA); LANES here is a warp's
 from .texture import is_texture
@@ -105,17 +106,8 @@ def shared_budget(target=None, lanes: int = LANES) -> int:
 
 def lanes_for() -> int:
     """Threads along a query row: ``TVM_SMARTMEM_ATTENTION_LANES`` when set, else one warp."""
-    override = os.environ.get(LANES_ENV)
-    if override is None:
-        return LANES
-    try:
-        lanes = int(override)
-    except ValueError:
-        lanes = -1
-    if lanes not in LANE_CHOICES:
-        raise SmartMemError(f"{LANES_ENV}={override!r}: expected one of "
-                            f"{', '.join(map(str, LANE_CHOICES))} threads a row")
-    return lanes
+    return switches.integer(LANES_ENV, LANES, LANE_CHOICES,
+                            f"one of {', '.join(map(str, LANE_CHOICES))} threads a row")
 
 
 def rows_per_block(keys: int, itemsize: int = 4, max_threads: int = 1024,

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -106,20 +105,13 @@ def candidate_table(table: dict, kind: str, knobs: Candidate) -> dict:
 def using_table(table: dict) -> Iterator[Path]:
     """Compile with ``table`` as the measured table (through ``TVM_SMARTMEM_MATMUL_CONFIGS``);
     the previous setting comes back afterwards."""
-    old = os.environ.get(ENV)
+    from .. import switches
+
     with tempfile.TemporaryDirectory(prefix="smartmem_knobs_") as tmp:
         path = Path(tmp) / "matmul_configs.json"
         path.write_text(json.dumps(table, indent=1))
-        os.environ[ENV] = str(path)
-        load_table.cache_clear()
-        try:
+        with switches.applied({ENV: str(path)}):
             yield path
-        finally:
-            if old is None:
-                os.environ.pop(ENV, None)
-            else:
-                os.environ[ENV] = old
-            load_table.cache_clear()
 
 
 # -- the search ------------------------------------------------------------------------------

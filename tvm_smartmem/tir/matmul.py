@@ -122,10 +122,9 @@ class TunedMatmul(gpu.Matmul):
 
 def small_grid_tiles() -> bool:
     """Is ``TVM_SMARTMEM_SMALL_GRID_TILES`` on?"""
-    value = os.environ.get(SMALL_GRID_ENV, "off").lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"{SMALL_GRID_ENV}={value!r}: expected on or off")
-    return value == "on"
+    from .. import switches
+
+    return switches.on_off(SMALL_GRID_ENV)
 
 
 def small_grid_blocks(target: Target) -> int:

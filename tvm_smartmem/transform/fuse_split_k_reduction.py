@@ -73,6 +73,7 @@ import tvm_ffi
 from tvm import ir, relax, s_tir, tirx
 from tvm.target import Target
 
+from .. import switches
 from ..analysis.classify import prim_blocks
 from ..tir.texture import is_texture
 
@@ -400,16 +401,8 @@ def _flat_thread(threads: list[tirx.For]) -> tuple[tirx.Expr, int]:
 def tail_batch() -> int:
     """Outputs per thread whose partial products the last block loads before it sums any of
     them (``TVM_SMARTMEM_SPLIT_K_TAIL_BATCH``; default :data:`TAIL_BATCH`)."""
-    value = os.environ.get(TAIL_ENV)
-    if value is None:
-        return TAIL_BATCH
-    try:
-        batch = int(value)
-    except ValueError:
-        batch = 0
-    if batch < 1:
-        raise ValueError(f"{TAIL_ENV}={value!r}: expected a positive number of outputs")
-    return batch
+    return switches.integer(TAIL_ENV, TAIL_BATCH, range(1, 1 << 16),
+                            "a positive number of outputs")
 
 
 def _epilogue_nest(gemm: _Gemm, epi: _Epilogue, partial: tirx.Buffer, regs: tirx.Buffer,
@@ -461,9 +454,7 @@ def _epilogue_nest(gemm: _Gemm, epi: _Epilogue, partial: tirx.Buffer, regs: tirx
                       tirx.Var("v_n", dtype), tirx.IterVar.DataPar)
     vs = tirx.IterVar(tvm.ir.Range.from_min_extent(const(0), const(batch)),
                       tirx.Var("v_slot", dtype), tirx.IterVar.DataPar)
-    subst = _recover(epi.rows, vm.var) + _recover(epi.cols, vn.var)
-    subst += [(v, tirx.IntImm(_dtype(v), 0)) for v in epi.unit]
-    body = _rename(epi.block.body, subst)
+    body = _rename(epi.block.body, _at_output(epi, vm.var, vn.var))
     # each partial product read once into a variable (an epilogue may read the sum twice, as
     # GELU does: the compiler merges repeated plain loads, not repeated __ldcg calls)
     reads = [tirx.Var(f"p{k}", str(partial.dtype)) for k in range(splits)]
@@ -500,10 +491,16 @@ def _partial_index(epi: _Epilogue) -> list:
     return found
 
 
+def _at_output(epi: _Epilogue, m, n) -> list[tuple]:
+    """(epilogue iterator, value) pairs that put the epilogue block at output row ``m`` and
+    column ``n`` (its unit iterators at zero)."""
+    return _recover(epi.rows, m) + _recover(epi.cols, n) + \
+        [(v, tirx.IntImm(_dtype(v), 0)) for v in epi.unit]
+
+
 def _at(indices: list, epi: _Epilogue, m, n) -> list:
     """``indices`` (in the epilogue block's iterators) at output row ``m`` and column ``n``."""
-    subst = _recover(epi.rows, m) + _recover(epi.cols, n)
-    subst += [(v, tirx.IntImm(_dtype(v), 0)) for v in epi.unit]
+    subst = _at_output(epi, m, n)
     return [_rename(i, subst) for i in indices]
 
 
