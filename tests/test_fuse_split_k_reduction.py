@@ -24,8 +24,8 @@ OPENCL = targets.get("opencl")
 
 @pytest.fixture(autouse=True)
 def _opencl_too(monkeypatch):
-    """The pass is off by default and, when on, CUDA-only (OpenCL C 1.2 has no device-wide
-    fence); PoCL's CPU device has coherent caches, so here it runs on OpenCL too and the
+    """By default the pass runs on CUDA only (OpenCL C 1.2 has no device-wide fence); PoCL's
+    CPU device has coherent caches, so here it runs on OpenCL too and the
     transformation's numerics are checked by running it."""
     from tvm_smartmem.transform import fuse_split_k_reduction
 
@@ -122,16 +122,30 @@ def test_batched_tail_loads_give_the_same_bits(monkeypatch, batch):
         np.testing.assert_array_equal(f, u)
 
 
+def test_cuda_fuses_by_default_opencl_does_not(monkeypatch):
+    """With no switch set, a split GEMM is one kernel on CUDA (measured at par with the
+    separate sum on the H100) and stays two on OpenCL (no device-wide fence there)."""
+    from tvm_smartmem.transform import fuse_split_k_reduction
+
+    monkeypatch.delenv(fuse_split_k_reduction.ENV)
+    monkeypatch.setenv(split_k.ENV, "4")
+    mod = _linear(48, 512, 96, (1,), "gelu")
+    _, cuda, _ = compile_with(mod, targets.get("cuda"), "smartmem")
+    _, opencl = _compile(mod)
+    assert cuda.kernels == 1 and opencl.kernels == 2
+
+
 def test_batched_tail_issues_its_loads_first(monkeypatch):
-    """In the CUDA kernel with a batch of 4, each group's 4 x S partial products are loaded
-    (__ldcg into registers) before the first output of the group is written; a batch that is
-    not a positive integer is a clear error."""
+    """In the default CUDA kernel (a batch of 4) each group's 4 x S partial products are
+    loaded (__ldcg into registers) before the first output of the group is written; a batch
+    that is not a positive integer is a clear error."""
     import re
 
     from tvm_smartmem.transform import fuse_split_k_reduction
 
+    monkeypatch.delenv(fuse_split_k_reduction.ENV)
+    monkeypatch.delenv(fuse_split_k_reduction.TAIL_ENV, raising=False)
     monkeypatch.setenv(split_k.ENV, "8")
-    monkeypatch.setenv(fuse_split_k_reduction.TAIL_ENV, "4")
     ex, stats, _ = compile_with(_linear(128, 768, 768, (1,), "none"), targets.get("cuda"),
                                 "smartmem")
     assert stats.kernels == 1
@@ -216,15 +230,13 @@ def test_split_factor_and_tiles_cover_every_output(monkeypatch, m):
 
 
 def test_the_environment_switch_and_the_default_targets(monkeypatch):
-    """The default and ``off`` leave the pairs apart, ``on`` fuses on CUDA only (OpenCL has no
+    """``off`` leaves the pairs apart, ``on`` (the default) fuses on CUDA only (OpenCL has no
     device-wide fence), ``all`` on OpenCL too; anything else is an error naming the values."""
     from tvm_smartmem.transform import fuse_split_k_reduction
 
     monkeypatch.setenv(split_k.ENV, "4")
     mod = _linear(40, 512, 96, (1,), "gelu")
     cuda = targets.get("cuda")
-    monkeypatch.delenv(fuse_split_k_reduction.ENV)  # the default: off (measured slower)
-    assert compile_with(mod, cuda, "smartmem")[1].kernels == 2
     monkeypatch.setenv(fuse_split_k_reduction.ENV, "off")
     assert _compile(mod)[1].kernels == 2
     assert compile_with(mod, cuda, "smartmem")[1].kernels == 2

@@ -364,14 +364,20 @@ def test_long_sequences_stay_three_kernels():
     assert _softmax_rules(_lowered(mod, CUDA)) == ["GeneralReduction"]
 
 
-def test_long_rows_stay_split_where_fusion_was_measured_to_lose():
-    """197 keys (ViT-B / DeiT-S): the rule could schedule it, but the H100 measurements say
-    three kernels are faster, so FusePlan leaves them split; 128 keys are fused."""
-    assert attention_fits(197, 64) and not attention_pays(197) and attention_pays(128)
-    for keys, fused in ((197, False), (128, True)):
+def test_key_limits_follow_the_measurements():
+    """197 keys (ViT-B / DeiT-S): the H100 measured one kernel faster on CUDA, so FusePlan
+    fuses up to 256 keys there; a target kind never measured at that length (OpenCL) keeps
+    them split, fusing 128."""
+    opencl = OPENCL
+    assert attention_fits(197, 64)
+    assert attention_pays(197, CUDA) and not attention_pays(257, CUDA)
+    assert not attention_pays(197, opencl) and attention_pays(128, opencl)
+    assert not attention_pays(197) and attention_pays(160)
+    for target, keys, fused in ((CUDA, 197, True), (CUDA, 300, False), (opencl, 197, False),
+                                (opencl, 128, True)):
         mod, _ = _attention_module(1, 2, 8, keys, 16, 16, "none", 0.25, False)
-        rules = _softmax_rules(_lowered(mod, CUDA))
-        assert rules == (["FusedAttention"] if fused else ["GeneralReduction"])
+        rules = _softmax_rules(_lowered(mod, target))
+        assert rules == (["FusedAttention"] if fused else ["GeneralReduction"]), (target, keys)
 
 
 def test_key_limit_override(monkeypatch):
@@ -379,10 +385,10 @@ def test_key_limit_override(monkeypatch):
     measure); a value that is not a number is a clear error."""
     from tvm_smartmem.errors import SmartMemError
 
-    monkeypatch.setenv("TVM_SMARTMEM_ATTENTION_KEYS", "256")
-    assert attention_pays(197) and not attention_pays(257)
-    mod, _ = _attention_module(1, 2, 8, 197, 16, 16, "none", 0.25, False)
-    assert _softmax_rules(_lowered(mod, CUDA)) == ["FusedAttention"]
+    monkeypatch.setenv("TVM_SMARTMEM_ATTENTION_KEYS", "100")
+    assert attention_pays(100, CUDA) and not attention_pays(128, CUDA)
+    mod, _ = _attention_module(1, 2, 8, 128, 16, 16, "none", 0.25, False)
+    assert _softmax_rules(_lowered(mod, CUDA)) == ["GeneralReduction"]
     monkeypatch.setenv("TVM_SMARTMEM_ATTENTION_KEYS", "many")
     with pytest.raises(SmartMemError, match="TVM_SMARTMEM_ATTENTION_KEYS='many'"):
         attention_pays(10)

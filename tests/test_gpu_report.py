@@ -70,8 +70,8 @@ def test_switches_apply_for_the_build_and_are_restored(monkeypatch):
 
     monkeypatch.setenv(fsk.ENV, "off")
     monkeypatch.delenv(fsk.TAIL_ENV, raising=False)
-    with switches.applied({fsk.ENV: "on", fsk.TAIL_ENV: "4"}):
-        assert os.environ[fsk.ENV] == "on" and fsk.tail_batch() == 4
+    with switches.applied({fsk.ENV: "on", fsk.TAIL_ENV: "2"}):
+        assert os.environ[fsk.ENV] == "on" and fsk.tail_batch() == 2
     assert os.environ[fsk.ENV] == "off" and fsk.TAIL_ENV not in os.environ
 
 

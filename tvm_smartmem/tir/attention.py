@@ -42,7 +42,6 @@ consecutive outputs of one row -- and writes them as one RGBA store.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -69,29 +68,33 @@ MAX_HEAD_DIM = 256
 UNROLL = 256
 
 
-#: Longest key sequence for which FusePlan makes the attention one kernel.  Measured on the
-#: H100 (``benchmarks/results/gpu_attention_h100_df3f5b8.md``): with 49 keys (Swin), 128 (BERT,
-#: DistilBERT, GPT-2) and LLaMA's prefill the fused kernel beats the GEMM + softmax + GEMM
-#: kernels by 2-4% end to end; with 197 (ViT-B, DeiT-S) it runs at ~1 TFLOP/s without tensor
-#: cores and loses (ViT's 12 attentions 882 us fused against ~740 us split), so longer ones
-#: stay split.
-PROFITABLE_KEYS = 160
+#: Longest key sequence for which FusePlan makes the attention one kernel, per target kind.
+#: Measured on the H100: with 49 keys (Swin), 128 (BERT, DistilBERT, GPT-2) and LLaMA's
+#: prefill the fused kernel beat the GEMM + softmax + GEMM kernels by 2-4% end to end
+#: (``benchmarks/results/gpu_attention_h100_df3f5b8.md``); at 197 keys (DeiT-S, ViT-B) the
+#: kernel with V staged through shared memory is 3.2% faster than the split attention on CUDA
+#: (``gpu_h100_pending_4a365a0.md``: 1.296 against 1.337 ms for DeiT-S), so CUDA fuses up to
+#: 256 keys.  Other targets keep the earlier limit until measured there.
+PROFITABLE_KEYS = {"cuda": 256}
+#: The limit of a target kind without a measurement of its own (and of no target).
+DEFAULT_PROFITABLE_KEYS = 160
 
 
 #: Overrides ``PROFITABLE_KEYS`` (an integer), to build and measure other choices.
 KEYS_ENV = "TVM_SMARTMEM_ATTENTION_KEYS"
 
 
-def attention_pays(keys: int) -> bool:
-    """Is one fused kernel measured to be faster than three for ``keys`` keys?"""
-    override = os.environ.get(KEYS_ENV)
-    if override is not None:
-        try:
-            return keys <= int(override)
-        except ValueError:
-            raise SmartMemError(f"{KEYS_ENV}={override!r}: expected an integer number of "
-                                "keys") from None
-    return keys <= PROFITABLE_KEYS
+def profitable_keys(target=None) -> int:
+    """Longest key sequence fused into one kernel on ``target`` (``TVM_SMARTMEM_ATTENTION_KEYS``
+    when set)."""
+    kind = target.kind.name if target is not None else None
+    measured = PROFITABLE_KEYS.get(kind, DEFAULT_PROFITABLE_KEYS)
+    return switches.integer(KEYS_ENV, measured, expected="an integer number of keys")
+
+
+def attention_pays(keys: int, target=None) -> bool:
+    """Is one fused kernel measured to be faster than three for ``keys`` keys on ``target``?"""
+    return keys <= profitable_keys(target)
 
 
 def shared_budget(target=None, lanes: int = LANES) -> int:

@@ -26,10 +26,14 @@ from tvm.target import Target
 TABLE = Path(__file__).resolve().parent / "matmul_configs.json"
 ENV = "TVM_SMARTMEM_MATMUL_CONFIGS"
 #: ``on``: a GEMM whose grid would not give every multiprocessor a thread block gets smaller
-#: micro tiles (see :meth:`TunedMatmul.apply`); ``off`` (the default until it is timed).
+#: micro tiles (see :meth:`TunedMatmul.apply`); the default is :data:`SMALL_GRID_DEFAULT`.
 SMALL_GRID_ENV = "TVM_SMARTMEM_SMALL_GRID_TILES"
 #: Multiprocessors to fill when the table entry does not say (the H100's 132).
 SMALL_GRID_BLOCKS = 132
+#: Target kinds where the small-grid tiles are on by default: measured on the H100 (CUDA,
+#: ``benchmarks/results/gpu_h100_pending_4a365a0.md``) at 1.035x end to end on DeiT-S, at par
+#: on BERT-base and GPT-2; OpenCL keeps dlight's tiles until measured.
+SMALL_GRID_DEFAULT = {"cuda": "on"}
 KNOBS = tuple(f.name for f in dataclasses.fields(gpu.Matmul.Config))
 #: The knobs of the other texture rules (``tir/schedules.py``) and their defaults; a texture
 #: target's entry (key ``<kind>-texture``) holds measured values under ``rules``, written by
@@ -88,14 +92,14 @@ class TunedMatmul(gpu.Matmul):
         self.table = table
 
     def apply(self, func, target, tunable):
-        """dlight's schedule with the table's knobs; with ``TVM_SMARTMEM_SMALL_GRID_TILES=on``
-        a GEMM that would launch fewer thread blocks than the GPU has multiprocessors (the
-        batched GEMMs of a split attention: DeiT-S's PV, 42 blocks of 32 x 64 outputs, 1.3
-        resident warps a multiprocessor) is scheduled again with each thread's micro tile
-        halved along both axes, a quarter of the outputs a block, until it fills them or the
-        micro tile is one output."""
+        """dlight's schedule with the table's knobs; with the small-grid tiles on (CUDA, or
+        ``TVM_SMARTMEM_SMALL_GRID_TILES=on``) a GEMM that would launch fewer thread blocks
+        than the GPU has multiprocessors (the batched GEMMs of a split attention: DeiT-S's PV,
+        42 blocks of 32 x 64 outputs, 1.3 resident warps a multiprocessor) is scheduled again
+        with each thread's micro tile halved along both axes, a quarter of the outputs a
+        block, until it fills them or the micro tile is one output."""
         sch = super().apply(func, target, tunable)
-        if sch is None or self.config is not None or not small_grid_tiles():
+        if sch is None or self.config is not None or not small_grid_tiles(target):
             return sch
         config = self.get_configs(target)
         want = small_grid_blocks(target)
@@ -120,11 +124,13 @@ class TunedMatmul(gpu.Matmul):
         return gpu.Matmul.Config(**entry["config"])
 
 
-def small_grid_tiles() -> bool:
-    """Is ``TVM_SMARTMEM_SMALL_GRID_TILES`` on?"""
+def small_grid_tiles(target: Target | None = None) -> bool:
+    """Are the small-grid tiles on for ``target`` (``TVM_SMARTMEM_SMALL_GRID_TILES``, else
+    :data:`SMALL_GRID_DEFAULT` of its kind)?"""
     from .. import switches
 
-    return switches.on_off(SMALL_GRID_ENV)
+    kind = target.kind.name if target is not None else None
+    return switches.on_off(SMALL_GRID_ENV, SMALL_GRID_DEFAULT.get(kind, "off"))
 
 
 def small_grid_blocks(target: Target) -> int:

@@ -213,7 +213,7 @@ def attention_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[li
             continue
         itemsize = max(tvm.runtime.DataType(qk.dtype).bits // 8, 1)
         if attention_fits(qk.shape[-1], pv.shape[-1], itemsize, shared_budget(target)) and \
-                attention_pays(qk.shape[-1]):
+                attention_pays(qk.shape[-1], target):
             chains.append([*path, sm.index, pv.index])
     return chains
 

@@ -46,20 +46,22 @@ work-group only (NVIDIA documents it so), and no launch order or fence makes ano
 work-group's stores visible -- so on OpenCL targets the pairs stay two kernels unless
 explicitly asked for.
 
-Whether it pays: on the H100 it does not, yet.  Measured side by side
-(``benchmarks/results/gpu_h100_splitk_reduction_f30fbda.md``) the fused GEMMs are 2-5% slower
-end to end than GEMM + separate sum kernel (BERT-base 1.883 vs 1.823 ms, Swin-T 1.290 vs
-1.232) -- the sum runs in one thread block of S, at the end, each of its threads waiting an L2
-round trip per output it sums (the fused kernel keeps the GEMM's 56 registers, so occupancy
-is not the cost: ``kernel_resources_h100_splitk_fused.md``) -- while the kernel counts drop
-(geomean over the transformer zoo 0.58x -> 0.49x of TVM's, ``kernel_counts_cuda_splitk_fused.md``).
-``TVM_SMARTMEM_SPLIT_K_TAIL_BATCH=N`` has each thread load the partials of N outputs before it
-sums any (same order, same bits), to overlap those round trips; not yet timed.  So it is off
-by default and
-``TVM_SMARTMEM_SPLIT_K_REDUCTION`` switches it: ``on`` (CUDA), ``all`` (OpenCL too, with
-``mem_fence`` and ``atomic_add``: correct where caches are coherent, as on PoCL's CPU device,
-which is how the tests exercise the transformation's numerics) or ``off`` (the default;
-``disable=("FuseSplitKReduction",)`` keeps it off in one pipeline whatever the variable says).
+Whether it pays: on the H100 it does now, with the last block's loads batched.  Summing one
+output per thread per step, the fused GEMMs were 2-5% slower end to end than GEMM + separate
+sum kernel (``benchmarks/results/gpu_h100_splitk_reduction_f30fbda.md``: BERT-base 1.883 vs
+1.823 ms) -- each thread of the one finishing block waited an L2 round trip per output (the
+fused kernel keeps the GEMM's 56 registers, so occupancy is not the cost:
+``kernel_resources_h100_splitk_fused.md``).  Loading the partial products of
+:data:`TAIL_BATCH` = 4 outputs before summing any (same order, same bits) overlaps those round
+trips: side by side on the H100 (``gpu_h100_pending_4a365a0.md``) BERT-base, DeiT-S, GPT-2,
+Swin-T and MobileViT-S run at 0.995-1.007x of the separate sums (one output a step: 0.94-0.99x;
+16: 0.98-1.005x) with 8-30 kernels fewer each (geomean over the transformer zoo 0.58x -> 0.49x
+of TVM's kernels).  So it is on by default on CUDA; ``TVM_SMARTMEM_SPLIT_K_TAIL_BATCH=N``
+changes the batch and ``TVM_SMARTMEM_SPLIT_K_REDUCTION`` switches the pass: ``on`` (the
+default: CUDA), ``all`` (OpenCL too, with ``mem_fence`` and ``atomic_add``: correct where
+caches are coherent, as on PoCL's CPU device, which is how the tests exercise the
+transformation's numerics) or ``off`` (``disable=("FuseSplitKReduction",)`` keeps it off in
+one pipeline whatever the variable says).
 """
 
 from __future__ import annotations
@@ -90,11 +92,11 @@ CACHE_LINE = 128
 RULE = "smartmem.schedule_rule"
 ENV = "TVM_SMARTMEM_SPLIT_K_REDUCTION"
 MODES = ("on", "all", "off")
-#: measured 2-5% slower than the separate sum kernel on the H100 (see module doc)
-DEFAULT = "off"
+#: on CUDA, where it was measured at par with the separate sum kernel (see module doc)
+DEFAULT = "on"
 #: Outputs per thread whose partial products the last block loads before summing (see
 #: :func:`_epilogue_nest`); ``TAIL_ENV`` overrides it, to build and measure.
-TAIL_BATCH = 1
+TAIL_BATCH = 4
 TAIL_ENV = "TVM_SMARTMEM_SPLIT_K_TAIL_BATCH"
 
 
