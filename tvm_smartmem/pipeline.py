@@ -21,7 +21,8 @@ Phases (``smartmem=False`` gives TVM's fused default from the same functions)::
                         for the baseline), then FuseTIR
     tir                 InlineDataMovement, SimplifyIndices, then dlight schedules with ours
                         in front (FusedAttention, NormalisedMatmul, TunedMatmul,
-                        LongRowReduction, RowReductionWithSideOutputs)
+                        LongRowReduction, RowReductionWithSideOutputs), then
+                        FuseSplitKReduction (CUDA: a split GEMM sums its own partials)
                         (+ PackActivationsToTexture before and LowerTextureAccess after the
                         schedules on texture targets; BlockedReductions on CPUs)
     dataflow_lower      RewriteDataflowReshape ... CallTIRRewrite (TVM's own)
