@@ -29,6 +29,18 @@ def test_import_tvm_registers_the_pipeline_through_the_entry_point():
     assert off.stdout.split() == ["False", "False"]
 
 
+def test_importing_the_pipeline_module_first_registers_it_without_a_warning():
+    """``from tvm_smartmem.pipeline import ...`` before ``import tvm``: TVM's entry point then
+    runs inside this module's own ``import tvm``, on a half-built module; it used to fail
+    there (a UserWarning, and no "smartmem" pipeline)."""
+    code = ("import warnings\nwarnings.simplefilter('error')\n"
+            "from tvm_smartmem.pipeline import smartmem_pipeline\n"
+            "from tvm.relax.pipeline import PIPELINE_MAP\nprint('smartmem' in PIPELINE_MAP)")
+    done = _in_fresh_python(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"]
+
+
 def test_tvm_compile_with_the_registered_name_matches_onnxruntime():
     model = models.swin_block()
     mod, params = frontend.from_onnx(model)

@@ -15,7 +15,11 @@ import warnings
 def _autoload() -> None:
     from . import pipeline
 
-    pipeline.register()
+    # ``import tvm_smartmem.pipeline`` before ``tvm`` runs this hook from inside that module's
+    # own ``import tvm``: the module is half-built (no ``register`` yet) and registers itself
+    # when it finishes (its last line), so there is nothing to do here then
+    if hasattr(pipeline, "register"):
+        pipeline.register()
     from .runtime import opencl
 
     try:

@@ -448,3 +448,8 @@ def register() -> None:
 def _registered_factory(**kwargs) -> tvm.transform.Pass:
     return smartmem_pipeline(kwargs.get("target"), kwargs.get("phases"),
                              kwargs.get("disable", ()))
+
+
+# registered on import too, not only by ``import tvm``'s entry point: a program that imports
+# this module first reaches the entry point while this module is half-built (``_plugin``)
+register()
