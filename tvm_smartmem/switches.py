@@ -39,6 +39,14 @@ def on_off(name: str, default: str = "off") -> bool:
     return value == "on"
 
 
+def choice(name: str, default: str, choices: Collection[str]) -> str:
+    """The switch ``name`` (lower case; ``default`` when unset), one of ``choices``."""
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        raise SwitchError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 @contextlib.contextmanager
 def applied(settings: Mapping[str, str]) -> Iterator[None]:
     """The environment with ``settings`` for the duration, as before afterwards (a variable

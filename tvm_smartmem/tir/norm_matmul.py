@@ -31,11 +31,9 @@ the matmul rule declines -- is declined (``None``) and the next rule takes the k
 
 from __future__ import annotations
 
-import os
-
 from tvm import s_tir, tirx
 
-from ..errors import SmartMemError
+from .. import switches
 from .schedules import _fused
 
 #: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (default ``off``:
@@ -45,10 +43,7 @@ ENV = "TVM_SMARTMEM_NORM_PROLOGUE"
 
 def norm_prologue_enabled() -> bool:
     """Is the layernorm -> GEMM glue on (``TVM_SMARTMEM_NORM_PROLOGUE=on|off``)?"""
-    value = os.environ.get(ENV, "off").strip().lower()
-    if value not in ("on", "off"):
-        raise SmartMemError(f"{ENV}={value!r}: expected 'on' or 'off'")
-    return value == "on"
+    return switches.on_off(ENV)
 
 
 def _gemm_rule(gemm=None):

@@ -67,7 +67,6 @@ one pipeline whatever the variable says).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import tvm
@@ -711,9 +710,7 @@ class FuseSplitKReduction:
         target = self.target or Target.current(allow_none=True)
         if target is None or target.kind.name not in ("cuda", "opencl"):
             return mod
-        mode = os.environ.get(ENV, DEFAULT).lower()
-        if mode not in MODES:
-            raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
+        mode = switches.choice(ENV, DEFAULT, MODES)
         if mode == "off" or (mode == "on" and target.kind.name != "cuda"):
             return mod
         builder = relax.BlockBuilder(mod)
