@@ -425,3 +425,62 @@ def test_a_gather_with_constant_indices_still_folds_into_a_matmul():
         rng.standard_normal((8, 3)).astype("float32")
     ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
     assert_matches(run_vm(ex, [data, weight]), [data[:, [0], :] @ weight])
+
+
+def _embedding_rmsnorm(vocab: int = 50, dim: int = 16, seq: int = 8) -> onnx.ModelProto:
+    """LLaMA's opening: ids normalised (``where(ids < 0, ids + V, ids)``), gathered, RMS-normed,
+    projected, and the gathered rows added back as the residual."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Less", ["ids", "zero"], ["neg"]),
+        helper.make_node("Add", ["ids", "vocab"], ["wrapped"]),
+        helper.make_node("Where", ["neg", "wrapped", "ids"], ["idx"]),
+        helper.make_node("Gather", ["emb", "idx"], ["x"]),
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Div", ["x", "rms"], ["xn"]),
+        helper.make_node("Mul", ["xn", "g"], ["xg"]),
+        helper.make_node("MatMul", ["xg", "w"], ["h"]),
+        helper.make_node("Add", ["h", "x"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("emb", rng.standard_normal((vocab, dim)).astype("float32")),
+        ("w", rng.standard_normal((dim, dim)).astype("float32")),
+        ("g", rng.standard_normal((dim,)).astype("float32")),
+        ("zero", np.array(0, "int64")), ("vocab", np.array(vocab, "int64")),
+        ("eps", np.array(1e-6, "float32")), ("axes", np.array([-1], "int64"))]]
+    graph = helper.make_graph(
+        nodes, "embedding_rmsnorm",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_an_index_computation_is_recomputed_by_each_reader(monkeypatch):
+    """The ids' ``less`` / ``add`` are read by two gathers of the same rows (the RMSNorm's and
+    the residual's).  Stored, they keep a kernel of their own that writes them and the first
+    gather; recomputed per reader, the gathers fold into the RMSNorm and the residual add: two
+    kernels instead of three, the same values as ONNX Runtime, negative ids included."""
+    from tvm_smartmem.transform import eliminate_layout
+
+    model = _embedding_rmsnorm()
+    mod, params = frontend.from_onnx(model)
+    ours = smartmem_pipeline(LLVM)(mod)
+    assert collect(ours).kernels == 2
+    planned = EliminateLayoutTransforms()(LEGALIZE(mod))
+    plan = layout_plan(planned["main"])
+    index_ops = [b.var.name for b in planned["main"].body.blocks[0].bindings
+                 if b.var.ty.dtype in ("bool", "int64") and b.var.name in plan]
+    # a less / add / where for each operand that reads the gathered rows, each folded into it
+    assert len(index_ops) > 3 and len(index_ops) % 3 == 0
+    assert {plan[n] for n in index_ops} == {CONSUMER}
+    ids = np.array([[3, -1, 0, 49, -50, 7, 7, 12]], "int64")
+    ex = tvm.compile(mod, LLVM, relax_pipeline="smartmem")
+    assert_matches(run_vm(ex, [ids], params=params),
+                   numerics.onnxruntime_reference(model, {"ids": ids}))
+    monkeypatch.setattr(eliminate_layout, "RECOMPUTE_ELEMENTS", 0)
+    assert collect(smartmem_pipeline(LLVM)(mod)).kernels == 3

@@ -53,6 +53,42 @@ def is_fixed(node: Node) -> bool:
         node.op not in ("Tuple", "TupleGetItem")
 
 
+#: an index computation up to this many elements is recomputed by each of its readers
+RECOMPUTE_ELEMENTS = 1 << 16
+
+
+def is_index_computation(node: Node) -> bool:
+    """A small element-wise (or broadcasting) operator on integers or booleans -- a gather's
+    index normalisation such as ``where(ids < 0, ids + V, ids)`` -- that each reader
+    recomputes instead of reading.
+
+    Materialised, such a tensor ties every later gather of the same ids to the kernel that
+    computed it (LLaMA's embedding: the gather could not fold into the first RMSNorm, which
+    re-gathers it, because the ids' ``less`` / ``add`` were outputs read by the residual
+    additions).  Recomputed, it costs a compare and an add per read of a few hundred ids,
+    while the kernel that only wrote them disappears.  Floating-point element-wise operators
+    are never recomputed here: they are real work and fusion decides about them."""
+    if node.mapping not in (MappingType.ONE_TO_ONE, MappingType.ONE_TO_MANY) or \
+            node.dtype is None or node.shape is None or \
+            node.n_outputs != 1 or node.is_output or not _foldable(node):
+        return False
+    if not (node.dtype.startswith("int") or node.dtype.startswith("uint") or
+            node.dtype == "bool"):
+        return False
+    if any(not isinstance(d, int) for d in node.shape):
+        return False
+    elements = 1
+    for d in node.shape:
+        elements *= d
+    return elements <= RECOMPUTE_ELEMENTS
+
+
+def _copied_per_reader(node: Node) -> bool:
+    """Operators each reader gets a copy of: fixed ones (folded, they are index arithmetic)
+    and small index computations (see ``is_index_computation``)."""
+    return is_fixed(node) or is_index_computation(node)
+
+
 def _foldable(node: Node) -> bool:
     """Can a fixed operator be folded into this neighbour (a kernel we compile ourselves)?"""
     return not node.cls.opaque and isinstance(node.value, relax.Call) and \
@@ -143,7 +179,7 @@ def duplicate_per_consumer(mod: tvm.IRModule, func_name: str = "main") -> tvm.IR
     """
     func = mod[func_name]
     ecg = build_ecg(func, mod)
-    fixed = {n.var: n for n in ecg if is_fixed(n)}
+    fixed = {n.var: n for n in ecg if _copied_per_reader(n)}
     if not fixed or not any(
         len(n.succs) + n.is_output > 1 for n in fixed.values()
     ):
@@ -221,6 +257,13 @@ def plan(ecg: ECG, mod: tvm.IRModule) -> dict[str, str]:
     """The per-operator decision of the edge table (see the module docstring)."""
     decisions: dict[str, str] = {}
     for node in ecg:
+        if is_index_computation(node) and not is_fixed(node):
+            # recomputed by its one reader (duplicate_per_consumer gave each reader a copy)
+            consumers = [ecg.nodes[s] for s in node.succs]
+            decisions[node.var.name] = CONSUMER if consumers and \
+                all(map(_foldable, consumers)) and \
+                (len(consumers) == 1 or all(map(_copied_per_reader, consumers))) else KEEP
+            continue
         if not is_fixed(node):
             continue
         consumers = [ecg.nodes[s] for s in node.succs]
@@ -229,7 +272,7 @@ def plan(ecg: ECG, mod: tvm.IRModule) -> dict[str, str]:
             decisions[node.var.name] = KEEP
             continue
         into_consumers = consumers and not node.is_output and all(map(_foldable, consumers)) \
-            and (len(consumers) == 1 or all(is_fixed(c) for c in consumers)) \
+            and (len(consumers) == 1 or all(map(_copied_per_reader, consumers))) \
             and not (selects_per_element(node, mod) and _reaches_many_to_many(ecg, node, mod))
         if into_consumers:
             # Fixed -> Var: eliminate 1st; Fixed -> Fixed: eliminate both (the chain folds on;
