@@ -16,7 +16,13 @@ from tvm_smartmem import frontend, models, numerics, targets
 from tvm_smartmem.analysis.stats import collect
 from tvm_smartmem.errors import SmartMemError
 from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
-from tvm_smartmem.tir.norm_matmul import ENV, norm_prologue_enabled, norm_prologue_fits
+from tvm_smartmem.tir.norm_matmul import (
+    ENV,
+    SHORT_ROW,
+    glued_row_limit,
+    norm_prologue_enabled,
+    norm_prologue_fits,
+)
 
 OPENCL = targets.get("opencl")
 CUDA = targets.get("cuda")
@@ -94,7 +100,11 @@ def _run(mod, names, arrays, dev):
 
 def test_switch_defaults_off_and_rejects_other_values(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    assert not norm_prologue_enabled()
+    assert not norm_prologue_enabled() and glued_row_limit() is None
+    monkeypatch.setenv(ENV, "short")
+    assert norm_prologue_enabled() and glued_row_limit() == SHORT_ROW == 256
+    monkeypatch.setenv(ENV, "on")
+    assert glued_row_limit() > 4096
     monkeypatch.setenv(ENV, "yes")
     with pytest.raises(SmartMemError, match=ENV):
         norm_prologue_enabled()
@@ -183,6 +193,41 @@ def test_split_gemms_are_left_alone(monkeypatch, dev):
     assert "NormalisedMatmul" not in _rules(lowered)
     arrays = _arrays((197,), 384, 96, 2)
     assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
+
+
+def _split(mod, mode: str, monkeypatch) -> list:
+    """The GEMMs CUDA's measured split-K policy (792 blocks / 64-long chunks) splits."""
+    from tvm_smartmem.transform.split_k import SplitKMatmul
+
+    monkeypatch.setenv(ENV, mode)
+    out = SplitKMatmul(CUDA)(mod)
+    return [list(map(int, r)) for r in out.attrs["smartmem.split_k"]] \
+        if out.attrs is not None and "smartmem.split_k" in out.attrs else []
+
+
+@pytest.mark.parametrize("k,glued", [(192, True), (384, False)])
+def test_short_glues_short_rows_and_keeps_their_gemms_whole(k, glued, monkeypatch, dev):
+    """``short``: a 192-wide norm feeding a GEMM that CUDA's policy splits keeps the GEMM
+    whole and is glued into it -- one kernel where there were two; a 384-wide one is split as
+    measured and not glued.  The values on PoCL stay within tolerance of float64 numpy."""
+    mod, names = _norm_matmul((256,), k, 64)
+    split = _split(mod, "off", monkeypatch)
+    assert [r[:3] for r in split] == [[256, 64, k]]
+    assert _split(mod, "short", monkeypatch) == ([] if glued else split)
+    monkeypatch.setenv(ENV, "off")
+    assert collect(_lowered(mod, CUDA)).kernels == 2
+    monkeypatch.setenv(ENV, "short")
+    assert collect(_lowered(mod, CUDA)).kernels == (1 if glued else 2)
+    assert ("NormalisedMatmul" in _rules(_lowered(mod, CUDA))) == glued
+    arrays = _arrays((256,), k, 64, 5)
+    assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
+
+
+def test_short_does_not_keep_whole_a_gemm_whose_norm_is_read_twice(monkeypatch):
+    """A 192-wide norm read by something else as well cannot be a prologue: its GEMM is split
+    exactly as without the switch."""
+    mod, _ = _norm_matmul((256,), 192, 64, second_reader=True)
+    assert _split(mod, "short", monkeypatch) == _split(mod, "off", monkeypatch) != []
 
 
 def test_cuda_schedules_the_same_kernel(on):

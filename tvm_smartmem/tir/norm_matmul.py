@@ -37,13 +37,34 @@ from .. import switches
 from .schedules import _fused
 
 #: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (default ``off``:
-#: measured slower on the H100, see the module doc).
+#: measured slower on the H100, see the module doc); ``short`` glues only normalised rows up
+#: to ``SHORT_ROW`` wide, and those GEMMs then stay whole (``SplitKMatmul`` leaves them).
 ENV = "TVM_SMARTMEM_NORM_PROLOGUE"
+MODES = ("off", "on", "short")
+
+#: widest normalised row ``short`` glues.  A GEMM reducing over so short a row gains little
+#: from a split (each thread block walks at most four 64-wide steps of it), while a split
+#: GEMM cannot take the layernorm as its prologue -- the layernorm then keeps a kernel.
+SHORT_ROW = 256
+
+
+def norm_prologue_mode() -> str:
+    """``TVM_SMARTMEM_NORM_PROLOGUE``: ``off`` (default), ``on`` or ``short``."""
+    return switches.choice(ENV, "off", MODES)
 
 
 def norm_prologue_enabled() -> bool:
-    """Is the layernorm -> GEMM glue on (``TVM_SMARTMEM_NORM_PROLOGUE=on|off``)?"""
-    return switches.on_off(ENV)
+    """Is the layernorm -> GEMM glue on, for some rows at least (``on`` or ``short``)?"""
+    return norm_prologue_mode() != "off"
+
+
+def glued_row_limit(mode: str | None = None) -> int | None:
+    """The widest normalised row the glue takes in ``mode`` (default: the switch's); None
+    when the glue is off."""
+    mode = norm_prologue_mode() if mode is None else mode
+    if mode == "off":
+        return None
+    return SHORT_ROW if mode == "short" else 1 << 30
 
 
 def _gemm_rule(gemm=None):

@@ -236,17 +236,19 @@ def _normalises_last(func, shape: tuple) -> bool:
     return bool(stats)
 
 
-def norm_matmul_chains(ecg: ECG, mod: tvm.IRModule | None, target=None) -> list[list[int]]:
+def norm_matmul_chains(ecg: ECG, mod: tvm.IRModule | None, target=None,
+                       max_row: int | None = None) -> list[list[int]]:
     """Pairs ``layernorm / RMSNorm (last axis) -> matmul`` where the normalised tensor is read
     by nothing but the matmul's left operand (a pre-LN projection), with static shapes and rows
-    that ``NormalisedMatmul`` can split over its lanes and tile (``norm_prologue_fits``): one
-    kernel each."""
+    that ``NormalisedMatmul`` can split over its lanes and tile (``norm_prologue_fits``) and,
+    with ``max_row``, at most that wide: one kernel each."""
     from ..tir.norm_matmul import norm_prologue_fits
 
     chains = []
     for norm in ecg:
         if not any(norm.op.startswith(op) for op in NORM_OPS) or not _static(norm.shape) or \
-                len(norm.succs) != 1 or norm.is_output or len(norm.shape) < 2:
+                len(norm.succs) != 1 or norm.is_output or len(norm.shape) < 2 or \
+                (max_row is not None and int(norm.shape[-1]) > max_row):
             continue
         func = _call_tir_func(norm, mod)
         if func is None or not _normalises_last(func, norm.shape):
@@ -634,10 +636,11 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
     on texture targets, whose rules write one image per kernel).  ``norm_prologue``: glue a
     layernorm to the GEMM that alone reads it (default: ``TVM_SMARTMEM_NORM_PROLOGUE``, off;
     GPU buffer targets only, where ``NormalisedMatmul`` schedules the pair)."""
-    if norm_prologue is None:
-        from ..tir.norm_matmul import norm_prologue_enabled
+    from ..tir.norm_matmul import glued_row_limit
 
-        norm_prologue = norm_prologue_enabled()
+    max_row = glued_row_limit() if norm_prologue is None else None
+    if norm_prologue is None:
+        norm_prologue = max_row is not None
     if attention is None:
         attention = target is not None and target.kind.name != "llvm"
     if side_outputs is None:
@@ -646,7 +649,8 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
     chains = attention_chains(ecg, mod, target) if attention else []
     if norm_prologue:
         glued = {i for chain in chains for i in chain}
-        chains += [c for c in norm_matmul_chains(ecg, mod, target) if not glued & set(c)]
+        chains += [c for c in norm_matmul_chains(ecg, mod, target, max_row)
+                   if not glued & set(c)]
     units, unit_of = build_units(ecg, layout_plan(func), chains)
     max_args = int(target.attrs.get("max_function_args", 128)) // 2 if target is not None and \
         "max_function_args" in target.attrs else 64

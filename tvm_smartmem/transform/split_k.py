@@ -36,6 +36,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.target import Target
 
 from ..tir.matmul import load_table, target_key
+from ..tir.norm_matmul import SHORT_ROW
 from .math_rewrite import shape_of
 
 ENV = "TVM_SMARTMEM_SPLIT_K"
@@ -123,12 +124,46 @@ def split_matmul(x: relax.Expr, w: relax.Expr, s: int, out_dtype: str) -> relax.
     return total
 
 
+NORM_OPS = ("relax.nn.layer_norm", "relax.nn.rms_norm")
+
+
+def _use_counts(func: relax.Function) -> dict:
+    """How many times each variable is read in ``func`` (bindings and the result)."""
+    counts: dict = {}
+    values = [b.value for block in func.body.blocks for b in block.bindings]
+    for value in [*values, func.body.body]:
+        for v in relax.analysis.free_vars(value):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def glued_norm(x: relax.Expr, value: relax.Expr | None, uses: int, columns: int,
+               target: Target | None, max_row: int | None) -> bool:
+    """Is ``x`` (bound to ``value``, read ``uses`` times) a layernorm / RMSNorm over its last
+    axis that ``FusePlan`` will glue to the GEMM reading it (``TVM_SMARTMEM_NORM_PROLOGUE=short``:
+    rows up to ``max_row`` wide)?  Such a GEMM stays whole: split, it could not take the norm
+    as its prologue and the norm would keep a kernel of its own."""
+    from ..tir.norm_matmul import norm_prologue_fits
+
+    if max_row is None or uses != 1 or not isinstance(value, relax.Call) or \
+            not isinstance(value.op, tvm.ir.Op) or value.op.name not in NORM_OPS:
+        return False
+    shape = shape_of(x)
+    axes = [int(a) for a in value.attrs.axes]
+    if shape is None or len(shape) < 2 or axes not in ([len(shape) - 1], [-1]):
+        return False
+    return shape[-1] <= max_row and norm_prologue_fits(tuple(shape), target, columns=columns)
+
+
 @mutator
 class _Splitter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, policy: SplitPolicy):
+    def __init__(self, mod: tvm.IRModule, policy: SplitPolicy, target: Target | None = None,
+                 uses: dict | None = None, max_row: int | None = None):
         super().__init__(mod)
         self.policy = policy
+        self.target, self.uses, self.max_row = target, uses or {}, max_row
         self.split: list[tuple[int, int, int, int]] = []
+        self.kept_for_norm = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -142,9 +177,19 @@ class _Splitter(PyExprMutator):
         s = self.policy.factor(m, n, k)
         if s == 1:
             return call
+        if isinstance(x, relax.Var) and glued_norm(
+                x, self._bound(x), self.uses.get(x, 0), n, self.target, self.max_row):
+            self.kept_for_norm += 1
+            return call
         dtype = str(call.ty.dtype)  # the product's dtype, whatever out_dtype said
         self.split.append((m, n, k, s))
         return split_matmul(x, w, s, dtype)
+
+    def _bound(self, var: relax.Var) -> relax.Expr | None:
+        try:
+            return self.lookup_binding(var)
+        except Exception:  # a parameter: bound to nothing
+            return None
 
 
 def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass:
@@ -154,15 +199,19 @@ def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass
 
     @tvm.transform.module_pass(opt_level=0, name="SplitKMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from ..tir.norm_matmul import norm_prologue_mode
+
         policy = policy_for(target, table)
         if policy is None:
             return mod
+        # only ``short`` keeps the glued GEMMs whole; ``on`` glues the GEMMs left unsplit
+        max_row = SHORT_ROW if norm_prologue_mode() == "short" else None
         out = mod.clone()
         done: list[list[int]] = []
         for gv, func in mod.functions_items():
             # the load-time weight function runs once: its products are not worth a split
             if isinstance(func, relax.Function) and not gv.name_hint.endswith("transform_params"):
-                splitter = _Splitter(mod, policy)
+                splitter = _Splitter(mod, policy, target, _use_counts(func), max_row)
                 out[gv] = splitter.visit_expr(func)
                 done += [list(r) for r in splitter.split]
         if not done:
