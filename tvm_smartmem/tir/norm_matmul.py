@@ -235,11 +235,38 @@ class NormalisedMatmul:
         stats = [i for i, b in enumerate(blocks) if _is_reduction(b)][:-1]
         results = [w.source for i in stats for w in blocks[i].writes]
         allocs = list(func.body.block.alloc_buffers)
+        for gemm in self._gemm_rules(target):
+            try:
+                sch = self._glue(func, gemm, target, tunable, nests, blocks, stats, results,
+                                 allocs, names, lanes)
+            except (s_tir.ScheduleError, RuntimeError):
+                sch = None  # this GEMM tiling cannot host the statistics: try the next
+            if sch is not None:
+                return sch
+        return None
+
+    def _gemm_rules(self, target) -> list:
+        """The GEMM's own rule, then -- where it shrinks the tiles of a small grid
+        (``TunedMatmul``'s small-grid tiles) -- the same rule with the table's tiles: a row
+        tile of a shrunk GEMM can be too short to spread over ``threadIdx.y`` (MobileViT-S's
+        64-row, 240-wide projections), and unglued such a kernel would fall to the fallback
+        rule, five times slower than either."""
+        from .matmul import TunedMatmul, small_grid_tiles
+
+        rules = [self.gemm]
+        if isinstance(self.gemm, TunedMatmul) and self.gemm.config is None and \
+                small_grid_tiles(target):
+            rules.append(TunedMatmul(self.gemm.get_configs(target), self.gemm.table))
+        return rules
+
+    @staticmethod
+    def _glue(func, gemm, target, tunable, nests, blocks, stats, results, allocs, names,
+              lanes):
         # 1. the GEMM alone, the statistics as parameters: dlight inlines the normalisation
         alone = _with_root(func, [*func.params, *results],
                            [n for i, n in enumerate(nests) if i not in stats],
                            [a for a in allocs if not any(a.same_as(r) for r in results)])
-        space = self.gemm.apply(alone, target, tunable)
+        space = gemm.apply(alone, target, tunable)
         if space is None:
             return None
         scheduled = (space if isinstance(space, s_tir.Schedule) else space[0]).mod["main"]
@@ -248,8 +275,8 @@ class NormalisedMatmul:
                            [nests[i] for i in stats] + _nests(scheduled.body.block),
                            [*scheduled.body.block.alloc_buffers, *results])
         sch = s_tir.Schedule(whole)
-        gemm = [b for b in blocks if _is_reduction(b)][-1].name_hint
-        bound = _bound_loops(sch, _gemm_block(sch, gemm))
+        gemm_name = [b for b in blocks if _is_reduction(b)][-1].name_hint
+        bound = _bound_loops(sch, _gemm_block(sch, gemm_name))
         extents = {tag: extent for tag, _, extent in bound}
         grid = [loop for tag, loop, _ in bound if tag.startswith("blockIdx")]
         if not grid or extents.get("threadIdx.x") != lanes or "threadIdx.y" not in extents:
