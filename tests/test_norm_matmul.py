@@ -266,6 +266,23 @@ def test_models_match_onnxruntime(name, saved, on, dev):
                    numerics.onnxruntime_reference(model, inputs))
 
 
+def test_short_on_a_mobilevit_block_matches_onnxruntime(monkeypatch, dev):
+    """MobileViT's transformer (rows 64 wide, patch pixels as a batch axis) with ``short`` and
+    split-K as shipped: a layernorm goes into the GEMM after it (one kernel fewer), and the
+    values on PoCL match ONNX Runtime."""
+    model = models.get("mobilevit_block")
+    mod, params = frontend.from_onnx(model)
+    monkeypatch.setenv(ENV, "off")
+    plain = collect(_lowered(mod, OPENCL)).kernels
+    monkeypatch.setenv(ENV, "short")
+    glued = _lowered(mod, OPENCL)
+    assert "NormalisedMatmul" in _rules(glued) and collect(glued).kernels == plain - 1
+    inputs = models.random_inputs(model, seed=9)
+    ex = tvm.compile(mod, OPENCL, relax_pipeline=smartmem_pipeline(OPENCL))
+    assert_matches(run_vm(ex, list(inputs.values()), dev=dev, params=params),
+                   numerics.onnxruntime_reference(model, inputs))
+
+
 def test_results_files_record_the_switches(monkeypatch):
     """A figure taken with a switch on says so in its reproduce command."""
     from tvm_smartmem.bench import env_prefix
