@@ -235,8 +235,8 @@ def test_small_grids_keep_the_rule_on_cuda(rows, k, n, on, dev):
     """MobileViT-S's last stage: 64 rows, 240 wide.  CUDA's GEMM rule shrinks the tiles of so
     small a grid, and a shrunk row tile cannot spread the statistics over ``threadIdx.y``:
     the rule then takes the table's tiles instead of declining (the glued kernel went to the
-    fallback rule, which cost MobileViT-S a fifth of its time on the H100).  Values checked
-    on PoCL."""
+    fallback rule, in the build where ``short`` cost MobileViT-S a fifth of its time on the
+    H100).  The unbatched 64 rows are the companion case.  Values checked on PoCL."""
     mod, names = _norm_matmul(rows, k, n)
     assert _rules(_lowered(mod, CUDA)) == ["NormalisedMatmul"]
     arrays = _arrays(rows, k, n, 8)

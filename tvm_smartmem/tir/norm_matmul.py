@@ -249,8 +249,8 @@ class NormalisedMatmul:
         """The GEMM's own rule, then -- where it shrinks the tiles of a small grid
         (``TunedMatmul``'s small-grid tiles) -- the same rule with the table's tiles: a row
         tile of a shrunk GEMM can be too short to spread over ``threadIdx.y`` (MobileViT-S's
-        64-row, 240-wide projections), and unglued such a kernel would fall to the fallback
-        rule, five times slower than either."""
+        64-row, 240-wide projections), and declined, the glued kernel would fall to the
+        fallback rule, which does not tile a GEMM at all."""
         from .matmul import TunedMatmul, small_grid_tiles
 
         rules = [self.gemm]
