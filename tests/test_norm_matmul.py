@@ -23,6 +23,7 @@ from tvm_smartmem.tir.norm_matmul import (
     norm_prologue_enabled,
     norm_prologue_fits,
 )
+from tvm_smartmem.transform.split_k import SplitKMatmul
 
 OPENCL = targets.get("opencl")
 CUDA = targets.get("cuda")
@@ -197,8 +198,6 @@ def test_split_gemms_are_left_alone(monkeypatch, dev):
 
 def _split(mod, mode: str, monkeypatch) -> list:
     """The GEMMs CUDA's measured split-K policy (792 blocks / 64-long chunks) splits."""
-    from tvm_smartmem.transform.split_k import SplitKMatmul
-
     monkeypatch.setenv(ENV, mode)
     out = SplitKMatmul(CUDA)(mod)
     return [list(map(int, r)) for r in out.attrs["smartmem.split_k"]] \
@@ -214,6 +213,11 @@ def test_short_glues_short_rows_and_keeps_their_gemms_whole(k, glued, monkeypatc
     split = _split(mod, "off", monkeypatch)
     assert [r[:3] for r in split] == [[256, 64, k]]
     assert _split(mod, "short", monkeypatch) == ([] if glued else split)
+    kept = SplitKMatmul(CUDA)(mod).attrs  # the switch is still "short"
+    assert (kept is not None and "smartmem.split_k_kept_for_norm" in kept) == glued
+    if glued:
+        assert [list(map(int, r)) for r in kept["smartmem.split_k_kept_for_norm"]] == \
+            [[256, 64, k]]
     monkeypatch.setenv(ENV, "off")
     assert collect(_lowered(mod, CUDA)).kernels == 2
     monkeypatch.setenv(ENV, "short")

@@ -163,7 +163,7 @@ class _Splitter(PyExprMutator):
         self.policy = policy
         self.target, self.uses, self.max_row = target, uses or {}, max_row
         self.split: list[tuple[int, int, int, int]] = []
-        self.kept_for_norm = 0
+        self.kept: list[tuple[int, int, int]] = []  # left whole for a glued norm
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -179,7 +179,7 @@ class _Splitter(PyExprMutator):
             return call
         if isinstance(x, relax.Var) and glued_norm(
                 x, self._bound(x), self.uses.get(x, 0), n, self.target, self.max_row):
-            self.kept_for_norm += 1
+            self.kept.append((m, n, k))
             return call
         dtype = str(call.ty.dtype)  # the product's dtype, whatever out_dtype said
         self.split.append((m, n, k, s))
@@ -195,7 +195,8 @@ class _Splitter(PyExprMutator):
 def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass:
     """Split the reduction of GEMMs (2-D right operand) that leave the GPU idle (module doc).
     The GEMMs split are recorded as the module attribute ``smartmem.split_k``
-    (``[m, n, k, factor]`` each)."""
+    (``[m, n, k, factor]`` each), those left whole for a glued layernorm
+    (``TVM_SMARTMEM_NORM_PROLOGUE=short``) as ``smartmem.split_k_kept_for_norm`` (``[m, n, k]``)."""
 
     @tvm.transform.module_pass(opt_level=0, name="SplitKMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -208,12 +209,17 @@ def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass
         max_row = SHORT_ROW if norm_prologue_mode() == "short" else None
         out = mod.clone()
         done: list[list[int]] = []
+        kept: list[list[int]] = []
         for gv, func in mod.functions_items():
             # the load-time weight function runs once: its products are not worth a split
             if isinstance(func, relax.Function) and not gv.name_hint.endswith("transform_params"):
                 splitter = _Splitter(mod, policy, target, _use_counts(func), max_row)
                 out[gv] = splitter.visit_expr(func)
                 done += [list(r) for r in splitter.split]
+                kept += [list(r) for r in splitter.kept]
+        if kept:
+            mod = mod.with_attr("smartmem.split_k_kept_for_norm", kept)
+            out = out.with_attr("smartmem.split_k_kept_for_norm", kept)
         if not done:
             return mod
         out = relax.transform.Normalize()(out)
