@@ -36,6 +36,8 @@ consumer (every operand read becomes a select).  Kept reshape chains become zero
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import relax, tirx
 
@@ -75,12 +77,8 @@ def is_index_computation(node: Node) -> bool:
     if not (node.dtype.startswith("int") or node.dtype.startswith("uint") or
             node.dtype == "bool"):
         return False
-    if any(not isinstance(d, int) for d in node.shape):
-        return False
-    elements = 1
-    for d in node.shape:
-        elements *= d
-    return elements <= RECOMPUTE_ELEMENTS
+    return all(isinstance(d, int) for d in node.shape) and \
+        math.prod(node.shape) <= RECOMPUTE_ELEMENTS
 
 
 def _copied_per_reader(node: Node) -> bool:

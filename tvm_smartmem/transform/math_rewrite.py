@@ -60,6 +60,7 @@ from .partition import (
     is_single_block,
     rebuild_function,
     substitute,
+    use_counts,
 )
 
 REWRITES_ATTR = "smartmem.rewrites"
@@ -522,15 +523,11 @@ RULES: tuple[Rule, ...] = (permute_chain, reshape_chain, reshape_through_matmul,
 
 def _context(func: relax.Function, block: Block) -> Context:
     defs = {b.var: b.value for b in block.bindings}
-    uses: dict = {}
     readers: dict = {}
     for b in block.bindings:
         for v in relax.analysis.free_vars(b.value):
-            uses[v] = uses.get(v, 0) + 1
             readers.setdefault(v, []).append(b.value)
-    for v in relax.analysis.free_vars(func.body.body):
-        uses[v] = uses.get(v, 0) + 1
-    return Context(defs, uses, readers, {b.value: b.var for b in block.bindings})
+    return Context(defs, use_counts(func), readers, {b.value: b.var for b in block.bindings})
 
 
 def candidates(func: relax.Function, rules: tuple[Rule, ...] = RULES) -> list[tuple]:

@@ -75,6 +75,17 @@ def for_each_function(mod: tvm.IRModule, func_name: str | None,
     return mod
 
 
+def use_counts(func: relax.Function) -> dict:
+    """variable -> how many bindings of ``func`` (and its result) read it: "read only once"
+    is the condition of most rewrites and fusions that remove a tensor."""
+    counts: dict = {}
+    values = [b.value for block in func.body.blocks for b in block.bindings]
+    for value in [*values, func.body.body]:
+        for v in relax.analysis.free_vars(value):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
 def is_single_block(func: relax.Function) -> bool:
     """Whether ``func``'s body is one dataflow block: the only shape the graph passes analyse.
     Anything else (no block at all after a rewrite removed every binding, control flow) is

@@ -36,8 +36,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.target import Target
 
 from ..tir.matmul import load_table, target_key
-from ..tir.norm_matmul import SHORT_ROW
+from ..tir.norm_matmul import SHORT_ROW, norm_prologue_fits, norm_prologue_mode
 from .math_rewrite import shape_of
+from .partition import use_counts
 
 ENV = "TVM_SMARTMEM_SPLIT_K"
 FACTORS = (2, 4, 8, 16)
@@ -127,24 +128,12 @@ def split_matmul(x: relax.Expr, w: relax.Expr, s: int, out_dtype: str) -> relax.
 NORM_OPS = ("relax.nn.layer_norm", "relax.nn.rms_norm")
 
 
-def _use_counts(func: relax.Function) -> dict:
-    """How many times each variable is read in ``func`` (bindings and the result)."""
-    counts: dict = {}
-    values = [b.value for block in func.body.blocks for b in block.bindings]
-    for value in [*values, func.body.body]:
-        for v in relax.analysis.free_vars(value):
-            counts[v] = counts.get(v, 0) + 1
-    return counts
-
-
 def glued_norm(x: relax.Expr, value: relax.Expr | None, uses: int, columns: int,
                target: Target | None, max_row: int | None) -> bool:
     """Is ``x`` (bound to ``value``, read ``uses`` times) a layernorm / RMSNorm over its last
     axis that ``FusePlan`` will glue to the GEMM reading it (``TVM_SMARTMEM_NORM_PROLOGUE=short``:
     rows up to ``max_row`` wide)?  Such a GEMM stays whole: split, it could not take the norm
     as its prologue and the norm would keep a kernel of its own."""
-    from ..tir.norm_matmul import norm_prologue_fits
-
     if max_row is None or uses != 1 or not isinstance(value, relax.Call) or \
             not isinstance(value.op, tvm.ir.Op) or value.op.name not in NORM_OPS:
         return False
@@ -200,8 +189,6 @@ def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass
 
     @tvm.transform.module_pass(opt_level=0, name="SplitKMatmul")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        from ..tir.norm_matmul import norm_prologue_mode
-
         policy = policy_for(target, table)
         if policy is None:
             return mod
@@ -213,7 +200,7 @@ def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass
         for gv, func in mod.functions_items():
             # the load-time weight function runs once: its products are not worth a split
             if isinstance(func, relax.Function) and not gv.name_hint.endswith("transform_params"):
-                splitter = _Splitter(mod, policy, target, _use_counts(func), max_row)
+                splitter = _Splitter(mod, policy, target, use_counts(func), max_row)
                 out[gv] = splitter.visit_expr(func)
                 done += [list(r) for r in splitter.split]
                 kept += [list(r) for r in splitter.kept]
