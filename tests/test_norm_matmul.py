@@ -14,6 +14,7 @@ from tvm import relax
 
 from tvm_smartmem import frontend, models, numerics, targets
 from tvm_smartmem.analysis.stats import collect
+from tvm_smartmem.analysis.thread_extents import kernel_launch_sizes
 from tvm_smartmem.errors import SmartMemError
 from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
 from tvm_smartmem.tir.norm_matmul import (
@@ -234,15 +235,22 @@ def test_short_does_not_keep_whole_a_gemm_whose_norm_is_read_twice(monkeypatch):
     assert _split(mod, "short", monkeypatch) == _split(mod, "off", monkeypatch) != []
 
 
-@pytest.mark.parametrize("rows,k,n", [((1, 4, 16), 240, 720), ((64,), 240, 480)])
-def test_small_grids_keep_the_rule_on_cuda(rows, k, n, on, dev):
+@pytest.mark.parametrize("rows,k,n,tile", [((1, 4, 16), 240, 720, (16, 32)),
+                                            ((64,), 240, 480, (8, 16))])
+def test_small_grids_keep_the_rule_on_cuda(rows, k, n, tile, on, dev):
     """MobileViT-S's last stage: 64 rows, 240 wide.  CUDA's GEMM rule shrinks the tiles of so
-    small a grid, and a shrunk row tile cannot spread the statistics over ``threadIdx.y``:
-    the rule then takes the table's tiles instead of declining (the glued kernel went to the
-    fallback rule, in the build where ``short`` cost MobileViT-S a fifth of its time on the
-    H100).  The unbatched 64 rows are the companion case.  Values checked on PoCL."""
+    small a grid (alone: 8 x 16 outputs a thread block).  Where the rows are folded from batch
+    axes (MobileViT's patch pixels), an 8-row tile cannot spread the statistics over the 16
+    ``threadIdx.y`` (the row index is no longer affine), so the rule shrinks only to 16 x 32 --
+    not back to the table's 32 x 64, which left a quarter of the thread blocks (and before
+    that, declining, the glued kernel went to the fallback rule: the build where ``short``
+    cost MobileViT-S a fifth of its time on the H100).  The unbatched 64 rows keep 8 x 16.
+    Values checked on PoCL."""
     mod, names = _norm_matmul(rows, k, n)
-    assert _rules(_lowered(mod, CUDA)) == ["NormalisedMatmul"]
+    lowered = _lowered(mod, CUDA)
+    assert _rules(lowered) == ["NormalisedMatmul"]
+    glued = [f for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [kernel_launch_sizes(f)[0][1] for f in glued] == [(64 // tile[0]) * -(-n // tile[1])]
     arrays = _arrays(rows, k, n, 8)
     assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
 

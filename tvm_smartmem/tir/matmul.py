@@ -86,10 +86,12 @@ class TunedMatmul(gpu.Matmul):
     """``gpu.Matmul`` with measured knobs (see the module doc); ``config`` overrides the table
     (the sweep uses it to try candidates)."""
 
-    def __init__(self, config: gpu.Matmul.Config | None = None, table: str | None = None):
+    def __init__(self, config: gpu.Matmul.Config | None = None, table: str | None = None,
+                 min_row_tile: int = 1):
         super().__init__()
         self.config = config
         self.table = table
+        self.min_row_tile = min_row_tile
 
     def apply(self, func, target, tunable):
         """dlight's schedule with the table's knobs; with the small-grid tiles on (CUDA, or
@@ -97,7 +99,8 @@ class TunedMatmul(gpu.Matmul):
         than the GPU has multiprocessors (the batched GEMMs of a split attention: DeiT-S's PV,
         42 blocks of 32 x 64 outputs, 1.3 resident warps a multiprocessor) is scheduled again
         with each thread's micro tile halved along both axes, a quarter of the outputs a
-        block, until it fills them or the micro tile is one output."""
+        block, until it fills them, the micro tile is one output or the row tile would drop
+        under ``min_row_tile`` rows (a glued layernorm spreads its rows over ``threadIdx.y``)."""
         sch = super().apply(func, target, tunable)
         if sch is None or self.config is not None or not small_grid_tiles(target):
             return sch
@@ -106,8 +109,9 @@ class TunedMatmul(gpu.Matmul):
         blocks = _blocks(sch)
         while blocks is not None and blocks < want and \
                 (config.micro_size_x > 1 or config.micro_size_y > 1):
-            config = dataclasses.replace(config, micro_size_x=max(1, config.micro_size_x // 2),
-                                         micro_size_y=max(1, config.micro_size_y // 2))
+            config = _halved(config)
+            if _row_tile(config) < self.min_row_tile:
+                break
             smaller = TunedMatmul(config, self.table).apply(func, target, tunable)
             if smaller is None:
                 break
@@ -122,6 +126,17 @@ class TunedMatmul(gpu.Matmul):
         if entry is None:
             return super().get_configs(target)
         return gpu.Matmul.Config(**entry["config"])
+
+
+def _halved(config: gpu.Matmul.Config) -> gpu.Matmul.Config:
+    """``config`` with each thread's micro tile halved along both axes (at least one output)."""
+    return dataclasses.replace(config, micro_size_x=max(1, config.micro_size_x // 2),
+                               micro_size_y=max(1, config.micro_size_y // 2))
+
+
+def _row_tile(config: gpu.Matmul.Config) -> int:
+    """Rows of a thread block's output tile (dlight's ``x`` side)."""
+    return int(config.vthread_x * config.block_size_x * config.micro_size_x)
 
 
 def small_grid_tiles(target: Target | None = None) -> bool:

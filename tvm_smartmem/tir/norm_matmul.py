@@ -247,16 +247,20 @@ class NormalisedMatmul:
 
     def _gemm_rules(self, target) -> list:
         """The GEMM's own rule, then -- where it shrinks the tiles of a small grid
-        (``TunedMatmul``'s small-grid tiles) -- the same rule with the table's tiles: a row
-        tile of a shrunk GEMM can be too short to spread over ``threadIdx.y`` (MobileViT-S's
-        64-row, 240-wide projections), and declined, the glued kernel would fall to the
-        fallback rule, which does not tile a GEMM at all."""
+        (``TunedMatmul``'s small-grid tiles) -- the same rule shrinking only while a row tile
+        still has a row for each ``threadIdx.y``: the statistics spread a tile's rows over
+        ``threadIdx.y``, and where the rows are folded from batch axes a shorter tile makes
+        their row index non-affine, which ``bind`` rejects (MobileViT-S's 64-row, 240-wide
+        projections, 4 patches of 16 rows: 8 x 16 tiles alone, 16 x 32 glued -- 92 thread
+        blocks, where the table's 32 x 64 gave 24).  Declined, the glued kernel would fall to the fallback
+        rule, which does not tile a GEMM at all."""
         from .matmul import TunedMatmul, small_grid_tiles
 
         rules = [self.gemm]
         if isinstance(self.gemm, TunedMatmul) and self.gemm.config is None and \
                 small_grid_tiles(target):
-            rules.append(TunedMatmul(self.gemm.get_configs(target), self.gemm.table))
+            threads_y = int(self.gemm.get_configs(target).block_size_y)
+            rules.append(TunedMatmul(None, self.gemm.table, min_row_tile=threads_y))
         return rules
 
     @staticmethod
