@@ -46,6 +46,8 @@ MODES = ("off", "on", "short")
 #: from a split (each thread block walks at most four 64-wide steps of it), while a split
 #: GEMM cannot take the layernorm as its prologue -- the layernorm then keeps a kernel.
 SHORT_ROW = 256
+#: Steps of a thread's statistics loop (rows x reduction chunk) unrolled at most.
+UNROLL_STEPS = 256
 
 
 def norm_prologue_mode() -> str:
@@ -196,6 +198,11 @@ def _schedule_statistic(sch: s_tir.Schedule, name: str, at, tx: int, ty: int) ->
     sch.bind(lane, "threadIdx.x")
     partial = sch.cache_write(rf_block, 0, "local")
     sch.reverse_compute_at(partial, rows_o, preserve_unit_loops=True)
+    # unrolled, each thread's loads of x are independent instructions in flight together
+    # instead of one load-then-add round trip per step (the statistics are a serial prefix
+    # of every thread block: their latency adds to the kernel's)
+    sch.annotate(rows_o, "pragma_auto_unroll_max_step", UNROLL_STEPS)
+    sch.annotate(rows_o, "pragma_unroll_explicit", 1)
     block = sch.get_sblock(name)
     total = sch.cache_write(block, 0, "local")
     lanes, *rows = _below(sch, block, at)
