@@ -259,8 +259,8 @@ class NormalisedMatmul:
         ``threadIdx.y``, and where the rows are folded from batch axes a shorter tile makes
         their row index non-affine, which ``bind`` rejects (MobileViT-S's 64-row, 240-wide
         projections, 4 patches of 16 rows: 8 x 16 tiles alone, 16 x 32 glued -- 92 thread
-        blocks, where the table's 32 x 64 gave 24).  Declined, the glued kernel would fall to the fallback
-        rule, which does not tile a GEMM at all."""
+        blocks, where the table's 32 x 64 gave 24).  Declined, the glued kernel would fall
+        to the fallback rule, which does not tile a GEMM at all."""
         from .matmul import TunedMatmul, small_grid_tiles
 
         rules = [self.gemm]
