@@ -110,7 +110,7 @@ class TunedMatmul(gpu.Matmul):
         while blocks is not None and blocks < want and \
                 (config.micro_size_x > 1 or config.micro_size_y > 1):
             config = _halved(config)
-            if _row_tile(config) < self.min_row_tile:
+            if row_tile_of(config) < self.min_row_tile:
                 break
             smaller = TunedMatmul(config, self.table).apply(func, target, tunable)
             if smaller is None:
@@ -134,8 +134,8 @@ def _halved(config: gpu.Matmul.Config) -> gpu.Matmul.Config:
                                micro_size_y=max(1, config.micro_size_y // 2))
 
 
-def _row_tile(config: gpu.Matmul.Config) -> int:
-    """Rows of a thread block's output tile (dlight's ``x`` side)."""
+def row_tile_of(config: gpu.Matmul.Config) -> int:
+    """Rows of a thread block's output tile under ``config`` (dlight's ``x`` side)."""
     return int(config.vthread_x * config.block_size_x * config.micro_size_x)
 
 

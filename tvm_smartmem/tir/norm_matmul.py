@@ -85,8 +85,9 @@ def statistic_lanes(target, gemm=None) -> int:
 
 def row_tile(target, gemm=None) -> int:
     """Rows of the GEMM's thread-block tile (dlight's ``x`` kernel size)."""
-    config = _gemm_rule(gemm).get_configs(target)
-    return int(config.vthread_x * config.block_size_x * config.micro_size_x)
+    from .matmul import row_tile_of
+
+    return row_tile_of(_gemm_rule(gemm).get_configs(target))
 
 
 #: Output widths the rule is glued for: a multiple of this.  Some narrow widths (6, 10, 14
