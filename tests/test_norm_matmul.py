@@ -17,6 +17,7 @@ from tvm_smartmem.analysis.stats import collect
 from tvm_smartmem.analysis.thread_extents import kernel_launch_sizes
 from tvm_smartmem.errors import SmartMemError
 from tvm_smartmem.pipeline import UP_TO_KERNELS, smartmem_pipeline
+from tvm_smartmem.tir.matmul import SMALL_GRID_ENV
 from tvm_smartmem.tir.norm_matmul import (
     ENV,
     SHORT_ROW,
@@ -237,7 +238,7 @@ def test_short_does_not_keep_whole_a_gemm_whose_norm_is_read_twice(monkeypatch):
 
 @pytest.mark.parametrize("rows,k,n,tile", [((1, 4, 16), 240, 720, (16, 32)),
                                             ((64,), 240, 480, (8, 16))])
-def test_small_grids_keep_the_rule_on_cuda(rows, k, n, tile, on, dev):
+def test_small_grids_keep_the_rule_on_cuda(rows, k, n, tile, on, dev, monkeypatch):
     """MobileViT-S's last stage: 64 rows, 240 wide.  CUDA's GEMM rule shrinks the tiles of so
     small a grid (alone: 8 x 16 outputs a thread block).  Where the rows are folded from batch
     axes (MobileViT's patch pixels), an 8-row tile cannot spread the statistics over the 16
@@ -245,12 +246,16 @@ def test_small_grids_keep_the_rule_on_cuda(rows, k, n, tile, on, dev):
     not back to the table's 32 x 64, which left a quarter of the thread blocks (and before
     that, declining, the glued kernel went to the fallback rule: the build where ``short``
     cost MobileViT-S a fifth of its time on the H100).  The unbatched 64 rows keep 8 x 16.
-    Values checked on PoCL."""
+    Values checked on PoCL with the small-grid tiles switched on there too, so the kernel that
+    runs has the tiles asserted for CUDA."""
+    monkeypatch.setenv(SMALL_GRID_ENV, "on")
     mod, names = _norm_matmul(rows, k, n)
-    lowered = _lowered(mod, CUDA)
-    assert _rules(lowered) == ["NormalisedMatmul"]
-    glued = [f for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert [kernel_launch_sizes(f)[0][1] for f in glued] == [(64 // tile[0]) * -(-n // tile[1])]
+    expected = [(64 // tile[0]) * -(-n // tile[1])]
+    for target in (CUDA, OPENCL):
+        lowered = _lowered(mod, target)
+        assert _rules(lowered) == ["NormalisedMatmul"]
+        glued = [f for _, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        assert [kernel_launch_sizes(f)[0][1] for f in glued] == expected
     arrays = _arrays(rows, k, n, 8)
     assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
 
