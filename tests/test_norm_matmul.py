@@ -52,13 +52,18 @@ def _rules(lowered) -> list[str]:
 
 
 def _norm_matmul(rows: tuple, k: int, n: int, rms: bool = False, second_reader: bool = False,
-                 epilogue: bool = True):
-    """x [*rows, k] -> layernorm (or RMSNorm) -> matmul w [k, n] (+ bias, GELU)."""
+                 epilogue: bool = True, channels_first: bool = False):
+    """x [*rows, k] -> layernorm (or RMSNorm) -> matmul w [k, n] (+ bias, GELU).  With
+    ``channels_first`` x is [rows[0], k, *rows[1:]] and is transposed channels-last first
+    (ConvNeXt's NCHW -> NHWC before each block's layernorm)."""
     def body(v, emit):
+        x = v["x"]
+        if channels_first:
+            x = emit(relax.op.permute_dims(x, [0, *range(2, len(rows) + 1), 1]))
         if rms:
-            y = emit(relax.op.nn.rms_norm(v["x"], v["g"], axes=[-1], epsilon=1e-5))
+            y = emit(relax.op.nn.rms_norm(x, v["g"], axes=[-1], epsilon=1e-5))
         else:
-            y = emit(relax.op.nn.layer_norm(v["x"], v["g"], v["b"], axes=[-1], epsilon=1e-5))
+            y = emit(relax.op.nn.layer_norm(x, v["g"], v["b"], axes=[-1], epsilon=1e-5))
         out = emit(relax.op.matmul(y, v["w"]))
         if epilogue:
             out = emit(relax.op.nn.gelu(emit(relax.op.add(out, v["bias"]))))
@@ -66,7 +71,8 @@ def _norm_matmul(rows: tuple, k: int, n: int, rms: bool = False, second_reader: 
             out = relax.Tuple([out, emit(relax.op.multiply(y, relax.const(2.0, F32)))])
         return out
 
-    params = {"x": (*rows, k), "g": (k,), "b": (k,), "w": (k, n), "bias": (n,)}
+    x = (rows[0], k, *rows[1:]) if channels_first else (*rows, k)
+    params = {"x": x, "g": (k,), "b": (k,), "w": (k, n), "bias": (n,)}
     return build_function(params, body), list(params)
 
 
@@ -171,6 +177,23 @@ def test_batches_that_fill_row_tiles(on, dev):
     assert _rules(_lowered(mod, OPENCL)) == ["NormalisedMatmul"]
     arrays = _arrays((1, 4, 16), 48, 64, 6)
     assert_matches(_run(mod, names, arrays, dev), [_reference(arrays)])
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_batches_whose_rows_straddle_a_row_tile(channels_first, on, dev):
+    """ConvNeXt's layout: pixels folded into the GEMM's rows (here 8 x 12 = three 32-row
+    tiles, the second starting in the middle of a 12-pixel row), the channels read through
+    a folded NCHW -> NHWC transpose.  A tile's statistics are then computed flat (not as a
+    box over whole pixel rows, which ``bind`` refused, so the kernel fell to the fallback
+    rule): one NormalisedMatmul kernel, values within tolerance."""
+    mod, names = _norm_matmul((1, 8, 12), 48, 64, channels_first=channels_first)
+    assert _rules(_lowered(mod, OPENCL)) == ["NormalisedMatmul"]
+    assert _rules(_lowered(mod, CUDA)) == ["NormalisedMatmul"]
+    arrays = _arrays((1, 8, 12), 48, 64, 8)
+    reference = _reference(arrays)
+    if channels_first:
+        arrays["x"] = np.ascontiguousarray(arrays["x"].transpose(0, 3, 1, 2))
+    assert_matches(_run(mod, names, arrays, dev), [reference])
 
 
 def test_not_glued_over_batches_that_pad_a_tile(on, dev):

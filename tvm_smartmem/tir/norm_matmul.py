@@ -31,6 +31,7 @@ the matmul rule declines -- is declined (``None``) and the next rule takes the k
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 
 from .. import switches
@@ -163,6 +164,47 @@ def _inline_spatial_into_statistics(sch: s_tir.Schedule) -> bool:
             return False
 
 
+def _flat_rows(rows: list[int]):
+    """Index map folding row axes of extents ``rows`` into one row index, row-major."""
+    def fold(*idx):
+        flat = idx[0]
+        for i, extent in zip(idx[1:], rows[1:]):
+            flat = flat * extent + i
+        return flat
+    return fold
+
+
+def _flatten_statistics(sch: s_tir.Schedule, names: list[str]) -> None:
+    """Give each statistics block one row axis (and its result one dimension).
+
+    The thread block of a GEMM tiles the rows flattened (dlight's reindex), so it reads row
+    ``r``'s statistics at ``[r // W, r % W]`` where the rows were folded from batch axes
+    (ConvNeXt's 56 x 56 pixels, MobileViT's patches).  ``compute_at`` bounds that region per
+    axis -- a box over whole ``W``-rows whenever a tile does not align with them -- which
+    ``bind`` then refuses as non-affine.  Stored flat, the same read is ``r`` (once
+    simplified), and the region a tile needs is exactly its rows."""
+    for name in names:
+        block = sch.get_sblock(name)
+        rows = [int(iv.dom.extent) for iv in sch.get(block).iter_vars[:-1]]
+        if len(rows) < 2:
+            continue
+        fold = _flat_rows(rows)
+        sch.transform_layout(block, ("write", 0),
+                             tirx.IndexMap.from_func(lambda *i: [fold(*i)], ndim=len(rows)))
+        sch.transform_block_layout(block, tirx.IndexMap.from_func(
+            lambda *i: [fold(*i[:-1]), i[-1]], ndim=len(rows) + 1))
+
+
+def _simplify_reads_of(sch: s_tir.Schedule, name: str) -> None:
+    """Simplify every index into the buffer block ``name`` writes (``r // W * W + r % W`` ->
+    ``r``, left by dlight's reindex of the GEMM's rows): an identity ``transform_layout``
+    rewrites each access through the analyzer."""
+    block = sch.get_sblock(name)
+    ndim = len(sch.get(block).writes[0].source.shape)
+    sch.transform_layout(block, ("write", 0),
+                         tirx.IndexMap.from_func(lambda *i: list(i), ndim=ndim))
+
+
 def _bound_loops(sch: s_tir.Schedule, block) -> list[tuple]:
     """(thread tag, loop, extent) of ``block``'s thread-bound loops, outermost first."""
     out = []
@@ -232,6 +274,10 @@ class NormalisedMatmul:
         if not names or any(int(sch.get(sch.get_sblock(n)).iter_vars[-1].dom.extent) % lanes
                             for n in names):
             return None  # see norm_prologue_fits
+        try:
+            _flatten_statistics(sch, names)
+        except s_tir.ScheduleError:
+            return None
         for name in names:  # each row's sum split over the lanes (in the plain function, where
             k = sch.get_loops(sch.get_sblock(name))[-1]  # rfactor's preconditions hold)
             sch.rfactor(sch.split(k, [None, lanes])[1], 0)
@@ -294,6 +340,8 @@ class NormalisedMatmul:
         if not grid or extents.get("threadIdx.x") != lanes or "threadIdx.y" not in extents:
             return None
         at = grid[-1]
+        for i in stats:
+            _simplify_reads_of(sch, blocks[i].name_hint)
         for i in reversed(stats):
             block = sch.get_sblock(blocks[i].name_hint)
             sch.compute_at(block, at, preserve_unit_loops=True)
