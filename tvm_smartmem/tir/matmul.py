@@ -86,12 +86,10 @@ class TunedMatmul(gpu.Matmul):
     """``gpu.Matmul`` with measured knobs (see the module doc); ``config`` overrides the table
     (the sweep uses it to try candidates)."""
 
-    def __init__(self, config: gpu.Matmul.Config | None = None, table: str | None = None,
-                 min_row_tile: int = 1):
+    def __init__(self, config: gpu.Matmul.Config | None = None, table: str | None = None):
         super().__init__()
         self.config = config
         self.table = table
-        self.min_row_tile = min_row_tile
 
     def apply(self, func, target, tunable):
         """dlight's schedule with the table's knobs; with the small-grid tiles on (CUDA, or
@@ -99,8 +97,7 @@ class TunedMatmul(gpu.Matmul):
         than the GPU has multiprocessors (the batched GEMMs of a split attention: DeiT-S's PV,
         42 blocks of 32 x 64 outputs, 1.3 resident warps a multiprocessor) is scheduled again
         with each thread's micro tile halved along both axes, a quarter of the outputs a
-        block, until it fills them, the micro tile is one output or the row tile would drop
-        under ``min_row_tile`` rows (a glued layernorm spreads its rows over ``threadIdx.y``)."""
+        block, until it fills them or the micro tile is one output."""
         sch = super().apply(func, target, tunable)
         if sch is None or self.config is not None or not small_grid_tiles(target):
             return sch
@@ -110,8 +107,6 @@ class TunedMatmul(gpu.Matmul):
         while blocks is not None and blocks < want and \
                 (config.micro_size_x > 1 or config.micro_size_y > 1):
             config = _halved(config)
-            if row_tile_of(config) < self.min_row_tile:
-                break
             smaller = TunedMatmul(config, self.table).apply(func, target, tunable)
             if smaller is None:
                 break

@@ -31,7 +31,6 @@ the matmul rule declines -- is declined (``None``) and the next rule takes the k
 
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir, tirx
 
 from .. import switches
@@ -168,10 +167,19 @@ def _flat_rows(rows: list[int]):
     """Index map folding row axes of extents ``rows`` into one row index, row-major."""
     def fold(*idx):
         flat = idx[0]
-        for i, extent in zip(idx[1:], rows[1:]):
+        for i, extent in zip(idx[1:], rows[1:], strict=True):
             flat = flat * extent + i
         return flat
     return fold
+
+
+def _flatten_statistic(sch: s_tir.Schedule, block, rows: list[int]) -> None:
+    """Store ``block``'s result flat and iterate it over (flat row, reduction)."""
+    fold = _flat_rows(rows)
+    sch.transform_layout(block, ("write", 0),
+                         tirx.IndexMap.from_func(lambda *i: [fold(*i)], ndim=len(rows)))
+    sch.transform_block_layout(block, tirx.IndexMap.from_func(
+        lambda *i: [fold(*i[:-1]), i[-1]], ndim=len(rows) + 1))
 
 
 def _flatten_statistics(sch: s_tir.Schedule, names: list[str]) -> None:
@@ -182,17 +190,13 @@ def _flatten_statistics(sch: s_tir.Schedule, names: list[str]) -> None:
     (ConvNeXt's 56 x 56 pixels, MobileViT's patches).  ``compute_at`` bounds that region per
     axis -- a box over whole ``W``-rows whenever a tile does not align with them -- which
     ``bind`` then refuses as non-affine.  Stored flat, the same read is ``r`` (once
-    simplified), and the region a tile needs is exactly its rows."""
+    simplified, :func:`_simplify_reads_of`), and the region a tile needs is exactly its
+    rows."""
     for name in names:
         block = sch.get_sblock(name)
         rows = [int(iv.dom.extent) for iv in sch.get(block).iter_vars[:-1]]
-        if len(rows) < 2:
-            continue
-        fold = _flat_rows(rows)
-        sch.transform_layout(block, ("write", 0),
-                             tirx.IndexMap.from_func(lambda *i: [fold(*i)], ndim=len(rows)))
-        sch.transform_block_layout(block, tirx.IndexMap.from_func(
-            lambda *i: [fold(*i[:-1]), i[-1]], ndim=len(rows) + 1))
+        if len(rows) > 1:
+            _flatten_statistic(sch, block, rows)
 
 
 def _simplify_reads_of(sch: s_tir.Schedule, name: str) -> None:
@@ -289,33 +293,11 @@ class NormalisedMatmul:
         stats = [i for i, b in enumerate(blocks) if _is_reduction(b)][:-1]
         results = [w.source for i in stats for w in blocks[i].writes]
         allocs = list(func.body.block.alloc_buffers)
-        for gemm in self._gemm_rules(target):
-            try:
-                sch = self._glue(func, gemm, target, tunable, nests, blocks, stats, results,
-                                 allocs, names, lanes)
-            except (s_tir.ScheduleError, RuntimeError):
-                sch = None  # this GEMM tiling cannot host the statistics: try the next
-            if sch is not None:
-                return sch
-        return None
-
-    def _gemm_rules(self, target) -> list:
-        """The GEMM's own rule, then -- where it shrinks the tiles of a small grid
-        (``TunedMatmul``'s small-grid tiles) -- the same rule shrinking only while a row tile
-        still has a row for each ``threadIdx.y``: the statistics spread a tile's rows over
-        ``threadIdx.y``, and where the rows are folded from batch axes a shorter tile makes
-        their row index non-affine, which ``bind`` rejects (MobileViT-S's 64-row, 240-wide
-        projections, 4 patches of 16 rows: 8 x 16 tiles alone, 16 x 32 glued -- 92 thread
-        blocks, where the table's 32 x 64 gave 24).  Declined, the glued kernel would fall
-        to the fallback rule, which does not tile a GEMM at all."""
-        from .matmul import TunedMatmul, small_grid_tiles
-
-        rules = [self.gemm]
-        if isinstance(self.gemm, TunedMatmul) and self.gemm.config is None and \
-                small_grid_tiles(target):
-            threads_y = int(self.gemm.get_configs(target).block_size_y)
-            rules.append(TunedMatmul(None, self.gemm.table, min_row_tile=threads_y))
-        return rules
+        try:
+            return self._glue(func, self.gemm, target, tunable, nests, blocks, stats, results,
+                              allocs, names, lanes)
+        except (s_tir.ScheduleError, RuntimeError):
+            return None  # this GEMM tiling cannot host the statistics
 
     @staticmethod
     def _glue(func, gemm, target, tunable, nests, blocks, stats, results, allocs, names,
