@@ -50,20 +50,28 @@ SHORT_ROW = 256
 UNROLL_STEPS = 256
 
 
-def norm_prologue_mode() -> str:
-    """``TVM_SMARTMEM_NORM_PROLOGUE``: ``off`` (default), ``on`` or ``short``."""
-    return switches.choice(ENV, "off", MODES)
+#: The mode of a target kind where ``TVM_SMARTMEM_NORM_PROLOGUE`` is not set, where measured
+#: (``benchmarks/results/gpu_h100_norm_short_82fe253.md``: ``short`` on the H100); other kinds
+#: ``off``.
+DEFAULT_MODE = {"cuda": "short"}
 
 
-def norm_prologue_enabled() -> bool:
-    """Is the layernorm -> GEMM glue on, for some rows at least (``on`` or ``short``)?"""
-    return norm_prologue_mode() != "off"
+def norm_prologue_mode(target=None) -> str:
+    """``TVM_SMARTMEM_NORM_PROLOGUE``: ``off``, ``on`` or ``short``; unset, ``target``'s kind's
+    :data:`DEFAULT_MODE` (``off`` without a target)."""
+    kind = target.kind.name if target is not None else None
+    return switches.choice(ENV, DEFAULT_MODE.get(kind, "off"), MODES)
 
 
-def glued_row_limit(mode: str | None = None) -> int | None:
-    """The widest normalised row the glue takes in ``mode`` (default: the switch's); None
-    when the glue is off."""
-    mode = norm_prologue_mode() if mode is None else mode
+def norm_prologue_enabled(target=None) -> bool:
+    """Is the layernorm -> GEMM glue on for ``target``, for some rows at least?"""
+    return norm_prologue_mode(target) != "off"
+
+
+def glued_row_limit(mode: str | None = None, target=None) -> int | None:
+    """The widest normalised row the glue takes in ``mode`` (default: ``target``'s, see
+    :func:`norm_prologue_mode`); None when the glue is off."""
+    mode = norm_prologue_mode(target) if mode is None else mode
     if mode == "off":
         return None
     return SHORT_ROW if mode == "short" else 1 << 30

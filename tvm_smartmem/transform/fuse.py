@@ -634,11 +634,12 @@ def make_planner(func: relax.Function, mod: tvm.IRModule, cost, target,
     glue attention chains (default: on GPU targets, where ``FusedAttention`` schedules them).
     ``side_outputs``: let a normalisation kernel also store its prologue (default: on, except
     on texture targets, whose rules write one image per kernel).  ``norm_prologue``: glue a
-    layernorm to the GEMM that alone reads it (default: ``TVM_SMARTMEM_NORM_PROLOGUE``, off;
-    GPU buffer targets only, where ``NormalisedMatmul`` schedules the pair)."""
+    layernorm to the GEMM that alone reads it (default: ``TVM_SMARTMEM_NORM_PROLOGUE``, else
+    the target kind's default -- ``short`` on CUDA, off elsewhere; GPU buffer targets only,
+    where ``NormalisedMatmul`` schedules the pair)."""
     from ..tir.norm_matmul import glued_row_limit
 
-    max_row = glued_row_limit() if norm_prologue is None else None
+    max_row = glued_row_limit(target=target) if norm_prologue is None else None
     if norm_prologue is None:
         norm_prologue = max_row is not None
     if attention is None:

@@ -193,7 +193,7 @@ def SplitKMatmul(target: Target, table: str | None = None) -> tvm.transform.Pass
         if policy is None:
             return mod
         # only ``short`` keeps the glued GEMMs whole; ``on`` glues the GEMMs left unsplit
-        max_row = SHORT_ROW if norm_prologue_mode() == "short" else None
+        max_row = SHORT_ROW if norm_prologue_mode(target) == "short" else None
         out = mod.clone()
         done: list[list[int]] = []
         kept: list[list[int]] = []
