@@ -24,6 +24,7 @@ from tvm_smartmem.tir.norm_matmul import (
     glued_row_limit,
     norm_prologue_enabled,
     norm_prologue_fits,
+    norm_prologue_mode,
 )
 from tvm_smartmem.transform.split_k import SplitKMatmul
 
@@ -107,11 +108,19 @@ def _run(mod, names, arrays, dev):
     return run_vm(ex, [arrays[n] for n in names], dev=dev)
 
 
-def test_switch_defaults_off_and_rejects_other_values(monkeypatch):
+def test_switch_defaults_per_target_and_rejects_other_values(monkeypatch):
+    """Unset: ``short`` on CUDA (measured, ``gpu_h100_norm_short_7ea0a97.md``), off on OpenCL,
+    texture and CPU targets and without a target; set, the switch wins everywhere."""
     monkeypatch.delenv(ENV, raising=False)
     assert not norm_prologue_enabled() and glued_row_limit() is None
+    assert norm_prologue_mode(CUDA) == "short" and glued_row_limit(target=CUDA) == SHORT_ROW
+    for target in (OPENCL, targets.get("opencl-texture"), targets.get("llvm")):
+        assert not norm_prologue_enabled(target)
+    monkeypatch.setenv(ENV, "off")
+    assert not norm_prologue_enabled(CUDA)
     monkeypatch.setenv(ENV, "short")
     assert norm_prologue_enabled() and glued_row_limit() == SHORT_ROW == 256
+    assert norm_prologue_mode(OPENCL) == "short"
     monkeypatch.setenv(ENV, "on")
     assert glued_row_limit() > 4096
     monkeypatch.setenv(ENV, "yes")

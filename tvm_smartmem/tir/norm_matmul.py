@@ -18,12 +18,18 @@ into the shared-memory load of ``y``'s tile.  Then the statistics blocks are put
 computed at the thread block's loop: each block first reduces the rows of its tile (the
 K-reduction split over ``threadIdx.x`` by ``rfactor``, rows over ``threadIdx.y``, partial
 sums in registers, row results in shared memory) and normalises ``x`` on its way into shared
-memory.  The statistics are recomputed by every column tile of a row tile -- reads of ``x``
-that hit L2 -- in exchange for one launch and a round trip of ``y`` through global memory per
-layernorm.  On the H100 that trade loses: DeiT-S / ViT-B / GPT-2 / Swin-T builds with the glue
-were 4-11% slower than the same builds without it
-(``benchmarks/results/gpu_h100_variants_1ab389e.md``), hence off by default; it is the
-kernel-count configuration (every transformer under 0.5x of TVM's kernels).
+memory.  The statistics are stored over flat rows, as the GEMM tiles them, so a tile of rows
+folded from batch axes (ConvNeXt's 56 x 56 pixels, MobileViT's patches) reduces exactly its
+own rows wherever it starts.  They are recomputed by every column tile of a row tile -- reads
+of ``x`` that hit L2 -- in exchange for one launch and a round trip of ``y`` through global
+memory per layernorm.
+
+On the H100 that trade loses for wide rows: DeiT-S / ViT-B / GPT-2 / Swin-T builds gluing
+every layernorm were 4-11% slower (``benchmarks/results/gpu_h100_variants_1ab389e.md``).  For
+rows up to ``SHORT_ROW`` wide (``short``) it is at par or better -- MobileViT-S 1.00x,
+Swin-T 1.00x, ConvNeXt-T 1.015x, UNet-tiny 1.00x (``gpu_h100_norm_short_7ea0a97.md``) -- and
+takes MobileViT-S under half of TVM's kernels, so ``short`` is CUDA's default; ``on`` is the
+kernel-count configuration, ``off`` the default elsewhere (unmeasured there).
 
 Anything else -- one reduction block only, statistics the GEMM's loop nest cannot host, a GEMM
 the matmul rule declines -- is declined (``None``) and the next rule takes the kernel.
@@ -36,9 +42,10 @@ from tvm import s_tir, tirx
 from .. import switches
 from .schedules import _fused
 
-#: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (default ``off``:
-#: measured slower on the H100, see the module doc); ``short`` glues only normalised rows up
-#: to ``SHORT_ROW`` wide, and those GEMMs then stay whole (``SplitKMatmul`` leaves them).
+#: ``on`` makes FusePlan glue a layernorm to the GEMM that alone reads it (measured slower on
+#: the H100, see the module doc); ``short`` glues only normalised rows up to ``SHORT_ROW``
+#: wide, and those GEMMs then stay whole (``SplitKMatmul`` leaves them); default per target
+#: kind, :data:`DEFAULT_MODE`.
 ENV = "TVM_SMARTMEM_NORM_PROLOGUE"
 MODES = ("off", "on", "short")
 
@@ -51,8 +58,8 @@ UNROLL_STEPS = 256
 
 
 #: The mode of a target kind where ``TVM_SMARTMEM_NORM_PROLOGUE`` is not set, where measured
-#: (``benchmarks/results/gpu_h100_norm_short_82fe253.md``: ``short`` on the H100); other kinds
-#: ``off``.
+#: (``benchmarks/results/gpu_h100_norm_short_7ea0a97.md``: ``short`` on the H100, >= 1.00x on
+#: every model it changes); other kinds ``off``.
 DEFAULT_MODE = {"cuda": "short"}
 
 
