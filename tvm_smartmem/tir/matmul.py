@@ -129,11 +129,6 @@ def _halved(config: gpu.Matmul.Config) -> gpu.Matmul.Config:
                                micro_size_y=max(1, config.micro_size_y // 2))
 
 
-def row_tile_of(config: gpu.Matmul.Config) -> int:
-    """Rows of a thread block's output tile under ``config`` (dlight's ``x`` side)."""
-    return int(config.vthread_x * config.block_size_x * config.micro_size_x)
-
-
 def small_grid_tiles(target: Target | None = None) -> bool:
     """Are the small-grid tiles on for ``target`` (``TVM_SMARTMEM_SMALL_GRID_TILES``, else
     :data:`SMALL_GRID_DEFAULT` of its kind)?"""

@@ -100,9 +100,8 @@ def statistic_lanes(target, gemm=None) -> int:
 
 def row_tile(target, gemm=None) -> int:
     """Rows of the GEMM's thread-block tile (dlight's ``x`` kernel size)."""
-    from .matmul import row_tile_of
-
-    return row_tile_of(_gemm_rule(gemm).get_configs(target))
+    config = _gemm_rule(gemm).get_configs(target)
+    return int(config.vthread_x * config.block_size_x * config.micro_size_x)
 
 
 #: Output widths the rule is glued for: a multiple of this.  Some narrow widths (6, 10, 14
@@ -309,19 +308,17 @@ class NormalisedMatmul:
         results = [w.source for i in stats for w in blocks[i].writes]
         allocs = list(func.body.block.alloc_buffers)
         try:
-            return self._glue(func, self.gemm, target, tunable, nests, blocks, stats, results,
-                              allocs, names, lanes)
+            return self._glue(func, target, tunable, nests, blocks, stats, results, allocs,
+                              names, lanes)
         except (s_tir.ScheduleError, RuntimeError):
             return None  # this GEMM tiling cannot host the statistics
 
-    @staticmethod
-    def _glue(func, gemm, target, tunable, nests, blocks, stats, results, allocs, names,
-              lanes):
+    def _glue(self, func, target, tunable, nests, blocks, stats, results, allocs, names, lanes):
         # 1. the GEMM alone, the statistics as parameters: dlight inlines the normalisation
         alone = _with_root(func, [*func.params, *results],
                            [n for i, n in enumerate(nests) if i not in stats],
                            [a for a in allocs if not any(a.same_as(r) for r in results)])
-        space = gemm.apply(alone, target, tunable)
+        space = self.gemm.apply(alone, target, tunable)
         if space is None:
             return None
         scheduled = (space if isinstance(space, s_tir.Schedule) else space[0]).mod["main"]
@@ -337,8 +334,8 @@ class NormalisedMatmul:
         if not grid or extents.get("threadIdx.x") != lanes or "threadIdx.y" not in extents:
             return None
         at = grid[-1]
-        for i in stats:
-            _simplify_reads_of(sch, blocks[i].name_hint)
+        for name in names:  # the results the GEMM's operand load reads
+            _simplify_reads_of(sch, name)
         for i in reversed(stats):
             block = sch.get_sblock(blocks[i].name_hint)
             sch.compute_at(block, at, preserve_unit_loops=True)
